@@ -32,7 +32,7 @@ class PitchEstimate:
 
 
 def estimate_pitch(audio: np.ndarray, sample_rate: int, start_s: float = 0.1, stop_s: float = 1.6,
-                   model: str = "tiny", periodicity_threshold: float = 0.5) -> PitchEstimate:
+                   model: str = "tiny", periodicity_threshold: float = 0.5, hop: int = HOP) -> PitchEstimate:
     """Median pitch of the sustained part of one note.
 
     Args:
@@ -40,6 +40,7 @@ def estimate_pitch(audio: np.ndarray, sample_rate: int, start_s: float = 0.1, st
         sample_rate: Hz of `audio`; resampled to 16 kHz for the tracker.
         start_s, stop_s: the analysed window in seconds (default: the sustain, well before NSynth's 3 s release).
         model: torchcrepe capacity, "tiny" (fast) or "full".
+        hop: analysis hop in samples at 16 kHz (160 = 10 ms).
     """
     crepe = import_torchcrepe()
     x = np.asarray(audio, dtype=np.float32)
@@ -50,7 +51,7 @@ def estimate_pitch(audio: np.ndarray, sample_rate: int, start_s: float = 0.1, st
         return PitchEstimate(float("nan"), 0.0)
     with torch.inference_mode():
         # fmin must stay above CREPE's lowest bin (~32 Hz): a lower fmin masks every bin in torchcrepe 0.0.24.
-        f0, periodicity = crepe.predict(torch.from_numpy(x)[None], CREPE_SR, HOP, fmin=50.0, fmax=2000.0,
+        f0, periodicity = crepe.predict(torch.from_numpy(x)[None], CREPE_SR, hop, fmin=50.0, fmax=2000.0,
                                         model=model, decoder=crepe.decode.weighted_argmax,
                                         return_periodicity=True, batch_size=512, device="cpu")
     f0, periodicity = f0[0].numpy(), periodicity[0].numpy()
