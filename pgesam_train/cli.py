@@ -81,6 +81,13 @@ def dataset_check(root: Path, splits: tuple[str, ...], sample_rate: int, duratio
     click.echo("ok")
 
 
+from .cli_transformer import bench_command, render_command, transformer  # noqa: E402  (no torch at import)
+
+main.add_command(transformer)
+main.add_command(render_command)
+main.add_command(bench_command)
+
+
 def run() -> None:
     """Entry point with one-line errors for the failures a user can act on."""
     try:

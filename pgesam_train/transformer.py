@@ -1,0 +1,321 @@
+"""Stage 2 of pGESAM (Section 3.2): the pitch/timbre-conditioned encoder-decoder Transformer. Modules only.
+
+Encoder: three tokens, the timbre point's x and y (each through `Linear(1, d)`, as in the authors' code) and the
+pitch (embedding), plus a learned 3-position embedding, through pre-norm self-attention layers.
+Decoder: codec frames through `Linear(dim, d)` + learned positional embedding (`frames` positions), prefixed by a
+<BOS> zero frame; causal self-attention, cross-attention to the encoder output, feed-forward; `Linear(d, dim)`.
+Frames are normalised inside the model (per-channel mean, one global std: buffers set from the training split),
+so every method takes and returns raw codec embeddings, and <BOS> is a raw zero frame.
+
+Attention is written out so that its state is explicit:
+    self-attention cache  self_kv  (L, 2, B, H, P, hd)  keys/values of the P frames seen so far, one per layer
+    cross-attention K/V   cross_kv (L, 2, B, H, 3, hd)  computed once per note from the encoder output
+`decode_step` appends to a cache of growing length; `decode_step_static` writes into a preallocated
+(L, 2, B, H, frames, hd) cache at the position index, with no data-dependent control flow (CUDA graphs);
+`decode_step_inplace` mutates that preallocated cache, the fastest path in eager torch (not exportable as is).
+Decoding loops live in `pgesam_train.generate`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import load_checkpoint
+from .config import TransformerConfig, from_dict
+
+KIND = "transformer"  # checkpoint kind
+N_COND_TOKENS = 3  # x, y, pitch
+
+
+def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(B, T, d) -> (B, H, T, hd)."""
+    b, t, d = x.shape
+    return x.view(b, t, n_heads, d // n_heads).transpose(1, 2)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, hd) -> (B, T, d)."""
+    b, h, t, hd = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * hd)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention (causal or not) whose keys/values can be cached and extended step by step."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads, self.dropout = n_heads, dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 x (B, T, d)
+        return _heads(q, self.n_heads), _heads(k, self.n_heads), _heads(v, self.n_heads)  # (B, H, T, hd)
+
+    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        """x (B, T, d) -> (B, T, d), attending over the whole sequence (causally when asked)."""
+        q, k, v = self._qkv(x)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal)  # (B, H, T, hd)
+        return self.proj(_merge(y))
+
+    def step(self, x: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One new position. x (B, 1, d); past_k/v (B, H, P, hd) -> y (B, 1, d), k/v (B, H, P+1, hd)."""
+        q, k, v = self._qkv(x)  # (B, H, 1, hd)
+        k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, H, P+1, hd)
+        y = F.scaled_dot_product_attention(q, k, v)  # the newest position sees all cached ones
+        return self.proj(_merge(y)), k, v
+
+    def step_static(self, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, write: torch.Tensor,
+                    valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One new position written into a fixed-size cache.
+
+        Args:
+            x: (B, 1, d).
+            cache_k, cache_v: (B, H, Tmax, hd); slots at and after the position hold anything.
+            write: bool (B or 1, 1, Tmax, 1), true at the slot of this position.
+            valid: bool (B or 1, 1, 1, Tmax), true at slots up to and including this position.
+        Returns: y (B, 1, d) and the updated caches (B, H, Tmax, hd).
+        """
+        q, k, v = self._qkv(x)  # (B, H, 1, hd)
+        cache_k = torch.where(write, k, cache_k)  # (B, H, Tmax, hd)
+        cache_v = torch.where(write, v, cache_v)
+        y = F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=valid)
+        return self.proj(_merge(y)), cache_k, cache_v
+
+    def step_inplace(self, x: torch.Tensor, cache: torch.Tensor, t: int) -> torch.Tensor:
+        """Eager-only fast path: x (B, 1, d); writes k/v into slot t of cache (2, B, H, Tmax, hd) -> y (B, 1, d)."""
+        q, k, v = self._qkv(x)  # (B, H, 1, hd)
+        cache[0, :, :, t] = k[:, :, 0]
+        cache[1, :, :, t] = v[:, :, 0]
+        y = F.scaled_dot_product_attention(q, cache[0, :, :, :t + 1], cache[1, :, :, :t + 1])
+        return self.proj(_merge(y))
+
+
+class CrossAttention(nn.Module):
+    """Attention from decoder positions to the encoder output, whose keys/values are computed once per note."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads, self.dropout = n_heads, dropout
+        self.q = nn.Linear(d_model, d_model)
+        self.kv = nn.Linear(d_model, 2 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def memory_kv(self, memory: torch.Tensor) -> torch.Tensor:
+        """memory (B, S, d) -> stacked keys/values (2, B, H, S, hd)."""
+        k, v = self.kv(memory).chunk(2, dim=-1)  # 2 x (B, S, d)
+        return torch.stack([_heads(k, self.n_heads), _heads(v, self.n_heads)])
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """x (B, T, d), kv (2, B, H, S, hd) -> (B, T, d)."""
+        q = _heads(self.q(x), self.n_heads)  # (B, H, T, hd)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, kv[0], kv[1], dropout_p=p)
+        return self.proj(_merge(y))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_model, d_ff), nn.ReLU(), nn.Linear(d_ff, d_model), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm: x + SelfAttn(LN(x)), then x + FF(LN(x))."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), causal=False))
+        return x + self.ff(self.ln2(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm: causal self-attention, cross-attention to the encoder, feed-forward; each with a residual."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.ln1, self.ln2, self.ln3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = SelfAttention(d, cfg.n_heads, cfg.dropout)
+        self.cross = CrossAttention(d, cfg.n_heads, cfg.dropout)
+        self.ff = FeedForward(d, cfg.d_ff, cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def _rest(self, x: torch.Tensor, cross_kv: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.cross(self.ln2(x), cross_kv))
+        return x + self.ff(self.ln3(x))
+
+    def forward(self, x: torch.Tensor, cross_kv: torch.Tensor) -> torch.Tensor:
+        """x (B, T, d), cross_kv (2, B, H, S, hd) -> (B, T, d); the whole sequence at once (teacher forcing)."""
+        x = x + self.drop(self.attn(self.ln1(x), causal=True))
+        return self._rest(x, cross_kv)
+
+    def step(self, x: torch.Tensor, self_kv: torch.Tensor, cross_kv: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, 1, d), self_kv (2, B, H, P, hd) -> x (B, 1, d), self_kv (2, B, H, P+1, hd)."""
+        y, k, v = self.attn.step(self.ln1(x), self_kv[0], self_kv[1])
+        return self._rest(x + y, cross_kv), torch.stack([k, v])
+
+    def step_static(self, x: torch.Tensor, self_kv: torch.Tensor, cross_kv: torch.Tensor, write: torch.Tensor,
+                    valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, 1, d), self_kv (2, B, H, Tmax, hd) -> x (B, 1, d), self_kv (2, B, H, Tmax, hd)."""
+        y, k, v = self.attn.step_static(self.ln1(x), self_kv[0], self_kv[1], write, valid)
+        return self._rest(x + y, cross_kv), torch.stack([k, v])
+
+    def step_inplace(self, x: torch.Tensor, self_kv: torch.Tensor, cross_kv: torch.Tensor, t: int) -> torch.Tensor:
+        """x (B, 1, d); self_kv (2, B, H, Tmax, hd) is written at slot t -> x (B, 1, d)."""
+        return self._rest(x + self.attn.step_inplace(self.ln1(x), self_kv, t), cross_kv)
+
+
+class TimbreTransformer(nn.Module):
+    """The Stage-2 network: (timbre point z (B, 2), MIDI pitch (B,)) conditions the generation of codec frames."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.config = cfg
+        d = cfg.d_model
+        self.x_in, self.y_in = nn.Linear(1, d), nn.Linear(1, d)
+        self.pitch_emb = nn.Embedding(cfg.n_pitches, d)
+        self.cond_pos = nn.Embedding(N_COND_TOKENS, d)
+        self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
+        self.enc_norm = nn.LayerNorm(d)
+        self.frame_in = nn.Linear(cfg.dim, d)
+        self.pos = nn.Embedding(cfg.frames, d)
+        self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_decoder_layers))
+        self.dec_norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, cfg.dim)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.register_buffer("emb_mean", torch.zeros(cfg.dim))  # (dim,)
+        self.register_buffer("emb_std", torch.ones(1))  # (1,)
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        """nanoGPT's init: N(0, 0.02) weights, zero biases, residual output projections scaled by 1/sqrt(2L)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        n_res = 2 * (self.config.n_encoder_layers + self.config.n_decoder_layers)
+        for name, p in self.named_parameters():
+            if name.endswith(("proj.weight", "net.2.weight")):
+                nn.init.normal_(p, 0.0, 0.02 / n_res ** 0.5)
+
+    @torch.no_grad()
+    def set_normalization(self, mean: torch.Tensor, std: float) -> None:
+        """Per-channel mean (dim,) and one global std of the training embeddings; frames in and out stay raw."""
+        if not std > 0:
+            raise ValueError(f"embedding std must be positive, got {std}")
+        self.emb_mean.copy_(mean.reshape(-1))
+        self.emb_std.fill_(float(std))
+
+    def _frames_in(self, frames: torch.Tensor) -> torch.Tensor:
+        """Raw frames (..., dim) -> (..., d)."""
+        return self.frame_in((frames - self.emb_mean) / self.emb_std)
+
+    def _frames_out(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoder output (..., d) -> raw frames (..., dim)."""
+        return self.head(self.dec_norm(x)) * self.emb_std + self.emb_mean
+
+    # ------------------------------------------------------------------------------------------ encoder
+    def encode(self, z: torch.Tensor, pitch: torch.Tensor) -> torch.Tensor:
+        """z (B, 2) timbre point, pitch (B,) int64 MIDI in [pitch_min, pitch_min + n_pitches) -> memory (B, 3, d)."""
+        tokens = torch.stack([self.x_in(z[:, 0:1]), self.y_in(z[:, 1:2]),
+                              self.pitch_emb(pitch - self.config.pitch_min)], dim=1)  # (B, 3, d)
+        x = self.drop(tokens + self.cond_pos.weight)
+        for layer in self.encoder:
+            x = layer(x)
+        return self.enc_norm(x)
+
+    def cross_kv(self, memory: torch.Tensor) -> torch.Tensor:
+        """memory (B, S, d) -> cross-attention keys/values of every decoder layer (L, 2, B, H, S, hd)."""
+        return torch.stack([layer.cross.memory_kv(memory) for layer in self.decoder])
+
+    # ------------------------------------------------------------------------------------------ decoder
+    def decode(self, frames: torch.Tensor, cross_kv: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing. frames (B, T, dim) = <BOS> then frames 0..T-2 -> predictions of frames 0..T-1 (B, T, dim)."""
+        t = frames.shape[1]
+        if t > self.config.frames:
+            raise ValueError(f"{t} frames exceed the model's {self.config.frames} positions")
+        x = self.drop(self._frames_in(frames) + self.pos.weight[:t])  # (B, T, d)
+        for layer, kv in zip(self.decoder, cross_kv):
+            x = layer(x, kv)
+        return self._frames_out(x)
+
+    def forward(self, z: torch.Tensor, pitch: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """Full encoder-decoder pass: z (B, 2), pitch (B,), frames (B, T, dim) decoder input -> (B, T, dim)."""
+        return self.decode(frames, self.cross_kv(self.encode(z, pitch)))
+
+    def _step_input(self, frame: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """frame (B, dim), position () or (B,) -> decoder input (B, 1, d)."""
+        return (self._frames_in(frame) + self.pos(position)).unsqueeze(1)
+
+    def decode_step(self, frame: torch.Tensor, position: torch.Tensor, self_kv: torch.Tensor,
+                    cross_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step with a growing cache.
+
+        Args:
+            frame: (B, dim) decoder input at `position` (zeros = <BOS> at position 0).
+            position: int64 () or (B,); equals P, the cache length.
+            self_kv: (L, 2, B, H, P, hd).
+            cross_kv: (L, 2, B, H, 3, hd) from `cross_kv`.
+        Returns: the predicted next frame (B, dim) and self_kv (L, 2, B, H, P+1, hd).
+        """
+        x = self._step_input(frame, position)
+        new = []
+        for layer, kv, ckv in zip(self.decoder, self_kv, cross_kv):
+            x, kv = layer.step(x, kv, ckv)
+            new.append(kv)
+        return self._frames_out(x)[:, 0], torch.stack(new)
+
+    def decode_step_static(self, frame: torch.Tensor, position: torch.Tensor, self_kv: torch.Tensor,
+                           cross_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step with a preallocated cache self_kv (L, 2, B, H, frames, hd), written at `position` () or (B,).
+
+        Same result as `decode_step`; shapes never change and nothing branches on data.
+        """
+        x = self._step_input(frame, position)
+        slots = torch.arange(self_kv.shape[4], device=frame.device)  # (Tmax,)
+        pos = position.reshape(-1, 1)  # (B or 1, 1)
+        write = (slots == pos)[:, None, :, None]  # (B|1, 1, Tmax, 1)
+        valid = (slots <= pos)[:, None, None, :]  # (B|1, 1, 1, Tmax)
+        new = []
+        for layer, kv, ckv in zip(self.decoder, self_kv, cross_kv):
+            x, kv = layer.step_static(x, kv, ckv, write, valid)
+            new.append(kv)
+        return self._frames_out(x)[:, 0], torch.stack(new)
+
+    def decode_step_inplace(self, frame: torch.Tensor, t: int, self_kv: torch.Tensor,
+                            cross_kv: torch.Tensor) -> torch.Tensor:
+        """Eager torch's fast path (not for export): like `decode_step_static` at python int position t, but
+        writes into self_kv (L, 2, B, H, frames, hd) in place and attends over slots 0..t only -> (B, dim)."""
+        x = self._step_input(frame, torch.tensor(t, device=frame.device))
+        for layer, kv, ckv in zip(self.decoder, self_kv, cross_kv):
+            x = layer.step_inplace(x, kv, ckv, t)
+        return self._frames_out(x)[:, 0]
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def load_transformer(path: Path) -> tuple[TimbreTransformer, dict]:
+    """Rebuild a Transformer from its checkpoint: (model in eval mode, the checkpoint's "extra")."""
+    state = load_checkpoint(path, KIND)
+    model = TimbreTransformer(from_dict(TransformerConfig, state["config"]))
+    model.load_state_dict(state["model"])
+    return model.eval(), state["extra"]
