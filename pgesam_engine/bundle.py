@@ -1,0 +1,282 @@
+"""Load and verify a model bundle (docs/bundle.md, format version 1) and open one onnxruntime session per graph.
+
+Everything the engine knows about the model comes from `manifest.json` and the ONNX metadata written by the
+exporter (sherpa-onnx habit): shapes, sample rate, frame rate, pitch range, map bounds. Nothing is guessed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger("pgesam.bundle")
+
+FORMAT = "pgesam-bundle"
+SUPPORTED_VERSIONS = (1,)
+REQUIRED_GRAPHS = ("transformer_encoder", "decoder_step", "codec_decoder")
+OPTIONAL_GRAPHS = ("decoder_step_static", "codec_decoder_stream", "codec_encoder", "vae_encoder")
+PROVIDER_ALIASES = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+DEFAULT_BUNDLE = Path(__file__).resolve().parent / "bundles" / "default"
+
+
+class BundleError(Exception):
+    """A bundle that cannot be used; the message names the file and what to do."""
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    """Attention cache geometry: self_kv is (layers, 2, B, heads, length, head_dim)."""
+    layers: int
+    heads: int
+    head_dim: int
+    encoder_length: int
+    max_length: int
+
+    def self_shape(self, batch: int, length: int) -> tuple[int, ...]:
+        return (self.layers, 2, batch, self.heads, length, self.head_dim)
+
+
+@dataclass(frozen=True)
+class TimbreMap:
+    """The region of the timbre plane the training data covers, and the training instruments on it."""
+    x_range: tuple[float, float]
+    y_range: tuple[float, float]
+    radius: float
+    instruments: tuple[dict, ...]
+
+    def clamp(self, x: float, y: float, allow_outside: bool = False) -> tuple[float, float, bool]:
+        """(x, y) moved onto the covered region (disc of `radius` inside the bounds) -> (x, y, was_moved).
+
+        With `allow_outside` the point is returned as is (experimenters may go off the map).
+        """
+        if not (np.isfinite(x) and np.isfinite(y)):
+            raise ValueError(f"timbre point ({x}, {y}) is not a finite number pair")
+        if allow_outside:
+            return float(x), float(y), False
+        cx, cy = float(x), float(y)
+        r = float(np.hypot(cx, cy))
+        if r > self.radius:
+            cx, cy = cx * self.radius / r, cy * self.radius / r
+        cx = min(max(cx, self.x_range[0]), self.x_range[1])
+        cy = min(max(cy, self.y_range[0]), self.y_range[1])
+        moved = abs(cx - x) > 1e-9 or abs(cy - y) > 1e-9
+        return cx, cy, moved
+
+    def nearest(self, x: float, y: float, k: int = 3) -> list[tuple[dict, float]]:
+        """The k training instruments closest to (x, y), with their distances, closest first."""
+        dist = [(inst, float(np.hypot(inst["x"] - x, inst["y"] - y))) for inst in self.instruments]
+        return sorted(dist, key=lambda d: d[1])[:k]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The typed view of manifest.json the engine relies on; `raw` keeps everything else."""
+    raw: dict
+    sample_rate: int
+    frame_rate: float
+    hop: int
+    frames: int
+    dim: int
+    pitch_min: int
+    pitch_max: int
+    kv: KVSpec
+    stream_state: tuple[tuple[str, tuple[int, ...]], ...]
+    stream_latency: int
+    map: TimbreMap
+
+    @property
+    def n_pitches(self) -> int:
+        return self.pitch_max - self.pitch_min + 1
+
+    @property
+    def note_samples(self) -> int:
+        """Samples of one whole note: frames * hop."""
+        return self.frames * self.hop
+
+
+def _need(d: dict, key: str, where: str) -> Any:
+    if key not in d:
+        raise BundleError(f"{where} has no {key!r}; the bundle does not follow docs/bundle.md (re-export it)")
+    return d[key]
+
+
+def parse_manifest(raw: dict, where: str = "manifest.json") -> Manifest:
+    """Check format and version, then read the fields the engine needs -> Manifest."""
+    if raw.get("format") != FORMAT:
+        raise BundleError(f"{where}: format is {raw.get('format')!r}, expected {FORMAT!r}")
+    version = raw.get("version")
+    if version not in SUPPORTED_VERSIONS:
+        raise BundleError(f"{where}: bundle version {version} is not one this engine reads "
+                          f"({', '.join(map(str, SUPPORTED_VERSIONS))}); upgrade pgesam or re-export the bundle")
+    kv = _need(raw, "kv_cache", where)
+    stream = raw.get("codec_stream", {})
+    mp = _need(raw, "map", where)
+    bounds = _need(mp, "bounds", f"{where} map")
+    return Manifest(
+        raw=raw, sample_rate=int(_need(raw, "sample_rate", where)), frame_rate=float(_need(raw, "frame_rate", where)),
+        hop=int(_need(raw, "hop", where)), frames=int(_need(raw, "frames", where)), dim=int(_need(raw, "dim", where)),
+        pitch_min=int(_need(raw, "pitch_min", where)), pitch_max=int(_need(raw, "pitch_max", where)),
+        kv=KVSpec(*(int(_need(kv, k, f"{where} kv_cache"))
+                    for k in ("layers", "heads", "head_dim", "encoder_length", "max_length"))),
+        stream_state=tuple((s["name"], tuple(int(v) for v in s["shape"])) for s in stream.get("state", [])),
+        stream_latency=int(stream.get("latency_samples", 0)),
+        map=TimbreMap(tuple(map(float, bounds["x"])), tuple(map(float, bounds["y"])), float(mp.get("radius", 1.0)),
+                      tuple(mp.get("instruments", []))))
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(root: Path) -> Manifest:
+    """Read root/manifest.json, check the version and every listed graph file's size and SHA-256."""
+    path = root / "manifest.json"
+    if not path.is_file():
+        raise BundleError(f"{root} is not a bundle: it has no manifest.json (run `pgesam-train export`)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{path} is not valid JSON: {e}") from e
+    manifest = parse_manifest(raw, str(path))
+    graphs = _need(raw, "graphs", str(path))
+    for name in REQUIRED_GRAPHS:
+        if name not in graphs:
+            raise BundleError(f"bundle at {root} lists no {name} graph; run `pgesam-train export`")
+    for name, entry in graphs.items():
+        _verify_file(root, name, entry)
+    return manifest
+
+
+def _verify_file(root: Path, name: str, entry: dict) -> None:
+    file = root / _need(entry, "file", f"manifest graph {name}")
+    if not file.is_file():
+        raise BundleError(f"bundle at {root} has no {file.name} (graph {name}); run `pgesam-train export`")
+    if "bytes" in entry and file.stat().st_size != int(entry["bytes"]):
+        raise BundleError(f"{file.name} is {file.stat().st_size} bytes, the manifest says {entry['bytes']}: "
+                          "the file was changed or truncated; re-export the bundle")
+    digest = sha256_of(file)
+    if digest != _need(entry, "sha256", f"manifest graph {name}"):
+        raise BundleError(f"{file.name} does not match its SHA-256 in manifest.json (tampered or corrupt); "
+                          "re-export the bundle")
+
+
+def resolve_providers(requested: str | list[str] | None = None) -> list[str]:
+    """Execution providers to try, in order: CUDA then CPU by default, or `requested` ('cpu', 'cuda', 'cuda,cpu').
+
+    Raises BundleError for a provider this onnxruntime build does not have.
+    """
+    available = ort.get_available_providers()
+    if requested is None or requested == "auto":
+        return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    names = requested.split(",") if isinstance(requested, str) else list(requested)
+    out = [PROVIDER_ALIASES.get(n.strip().lower(), n.strip()) for n in names if n.strip()]
+    for p in out:
+        if p not in available:
+            raise BundleError(f"onnxruntime here has no {p} (available: {', '.join(available)})")
+    return out
+
+
+def session_options(threads: int | None, cpu_only: bool) -> ort.SessionOptions:
+    """Full graph optimisation, sequential execution, `threads` intra-op threads; no spinning on CPU so that
+    several sessions on few cores do not burn each other's time."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = threads if threads else max(1, min(4, os.cpu_count() or 1))
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    if cpu_only:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return so
+
+
+class Bundle:
+    """A verified bundle with one open `ort.InferenceSession` per graph.
+
+    Attributes: root (folder), manifest, sessions (graph name -> session), providers (what the sessions really
+    use, from `get_providers()`), cuda_graph (whether decoder_step_static was opened for CUDA-graph capture).
+    """
+
+    def __init__(self, root: Path | str, providers: str | list[str] | None = None, threads: int | None = None,
+                 variant: str | None = None, cuda_graph: bool = False):
+        self.root = Path(root).expanduser().resolve()
+        self.manifest = read_manifest(self.root)
+        self.requested = resolve_providers(providers)
+        self._options = session_options(threads, cpu_only="CUDAExecutionProvider" not in self.requested)
+        self.sessions: dict[str, ort.InferenceSession] = {}
+        graphs = self.manifest.raw["graphs"]
+        self.cuda_graph = cuda_graph and "CUDAExecutionProvider" in self.requested
+        for name in [*REQUIRED_GRAPHS, *OPTIONAL_GRAPHS]:
+            key = f"{name}.{variant}" if variant and f"{name}.{variant}" in graphs else name
+            if key in graphs:
+                self.sessions[name] = self._open(name, graphs[key]["file"])
+
+    def _open(self, name: str, file: str) -> ort.InferenceSession:
+        providers: list = list(self.requested)
+        if name == "decoder_step_static" and self.cuda_graph:
+            providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}) if p == "CUDAExecutionProvider"
+                         else p for p in providers]
+        try:
+            sess = ort.InferenceSession(str(self.root / file), self._options, providers=providers)
+        except Exception as e:  # onnxruntime raises several unrelated types for a bad model
+            raise BundleError(f"onnxruntime cannot load {file}: {str(e).splitlines()[0]}") from e
+        self._check_metadata(name, file, sess.get_modelmeta().custom_metadata_map)
+        return sess
+
+    def _check_metadata(self, name: str, file: str, meta: dict[str, str]) -> None:
+        if meta.get("pgesam_format") != FORMAT:
+            raise BundleError(f"{file} carries no pgesam-bundle metadata; it was not written by `pgesam-train export`")
+        if meta.get("pgesam_version") not in {str(v) for v in SUPPORTED_VERSIONS}:
+            raise BundleError(f"{file} is bundle version {meta.get('pgesam_version')}, this engine reads "
+                              f"{', '.join(map(str, SUPPORTED_VERSIONS))}; re-export the bundle")
+        m = self.manifest
+        expect = {"sample_rate": m.sample_rate, "frames": m.frames, "pitch_min": m.pitch_min,
+                  "pitch_max": m.pitch_max}
+        for key, value in expect.items():
+            if key in meta and int(float(meta[key])) != value:
+                raise BundleError(f"{file} says {key}={meta[key]} but manifest.json says {value}; re-export")
+
+    def has(self, graph: str) -> bool:
+        return graph in self.sessions
+
+    def session(self, graph: str) -> ort.InferenceSession:
+        """The session of `graph`, or a BundleError saying the bundle lacks it."""
+        if graph not in self.sessions:
+            raise BundleError(f"bundle at {self.root} has no {graph} graph, which this needs; "
+                              "re-export it with `pgesam-train export`")
+        return self.sessions[graph]
+
+    @property
+    def providers(self) -> dict[str, list[str]]:
+        """Graph name -> the providers its session really runs on (onnxruntime's own report)."""
+        return {name: s.get_providers() for name, s in self.sessions.items()}
+
+    @property
+    def device(self) -> str:
+        """'cuda' when the decoder step runs under the CUDA provider, else 'cpu'."""
+        return "cuda" if self.sessions["decoder_step"].get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+
+    @property
+    def provider(self) -> str:
+        """The decoder step's active provider, e.g. 'CPUExecutionProvider'."""
+        return self.sessions["decoder_step"].get_providers()[0]
+
+
+def default_bundle_path() -> Path:
+    """The bundle shipped as package data, or a BundleError telling the user what to pass instead."""
+    if (DEFAULT_BUNDLE / "manifest.json").is_file():
+        return DEFAULT_BUNDLE
+    raise BundleError("no bundle given and none is shipped with this install: pass --bundle PATH "
+                      "or run `pgesam-train export` to make one")

@@ -1,0 +1,249 @@
+"""The instrument: synth, timbre cache, streamer, voices, scheduler and audio backend tied together.
+
+Its public methods are the OSC handlers (osc.py only routes to them); they are plain methods, callable from
+tests or Python without any socket. Control methods run on the caller's thread and only hand events to the
+scheduler; `render_block` is the audio callback and never calls the model.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .audio import Backend
+from .scheduler import Scheduler
+from .synth import Encoded, Synth, SynthError
+from .timbre_cache import Prerenderer, Streamer, TimbreCache
+from .voices import ArraySource, StreamSource, VoicePool, soft_limit, velocity_gain
+
+log = logging.getLogger("pgesam.engine")
+
+
+class EngineError(ValueError):
+    """A request the engine refuses (out of range, missing file); the message is sent back as /pgesam/error."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything tunable about the instrument, in one place."""
+    max_voices: int = 16
+    release_s: float = 0.08  # note-off fade, seconds
+    steal_s: float = 0.005  # fade of a stolen voice, seconds
+    velocity_curve: float = 2.0  # gain = (velocity / 127) ** curve
+    master_gain: float = 0.7
+    limiter_threshold: float = 0.8
+    cache_mb: float = 256.0  # prerendered timbres kept in memory
+    prerender_batch: int | None = None  # notes generated together when prerendering; None: 25 on CUDA, 5 on CPU
+    decode_batch: int = 5  # notes decoded together (between them streaming may run)
+    stream_chunk: int = 8  # frames per streamed chunk
+    allow_outside: bool = False  # True: timbre points off the covered region are used as given
+    default_timbre: tuple[float, float] = (0.0, 0.0)
+    prerender_default: bool = True  # prerender the default timbre at start
+    switch_interval_s: float = 0.0005  # Python's GIL hand-over interval while running (default 5 ms: jitter)
+
+
+@dataclass(frozen=True)
+class NoteOn:
+    pitch: int
+    gain: float
+    source: ArraySource | StreamSource
+    due: float  # wall time asked for: arrival (immediate) or timetag
+
+
+@dataclass(frozen=True)
+class NoteOff:
+    pitch: int
+
+
+ALL_OFF = "all_off"
+
+
+class Engine:
+    """A playable instrument over a `Synth` and an audio `Backend` (call `start`, then the handlers)."""
+
+    def __init__(self, synth: Synth, backend: Backend, config: EngineConfig = EngineConfig()):
+        self.synth, self.backend, self.config = synth, backend, config
+        m = synth.m
+        self.sr = m.sample_rate
+        if backend.sample_rate != self.sr:
+            raise EngineError(f"audio backend runs at {backend.sample_rate} Hz, the bundle at {self.sr} Hz")
+        self.cache = TimbreCache(m.pitch_min, m.n_pitches, m.note_samples, int(config.cache_mb * 2 ** 20))
+        self.streamer = Streamer(synth, on_done=self.cache.put)
+        batch = config.prerender_batch or (25 if synth.device == "cuda" else 5)  # CPU: same speed, less memory
+        self.prerenderer = Prerenderer(synth, self.cache, batch, config.decode_batch,
+                                       give_way=self.streamer.give_way)
+        self.voices = VoicePool(self.sr, config.max_voices, config.release_s, config.steal_s,
+                                max_block=max(4096, backend.blocksize))
+        self.scheduler = Scheduler(backend.clock, backend.latency_samples)
+        self.timbre_point = self._point(*config.default_timbre)[:2]
+        self.started = False
+
+    # ----------------------------------------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Start the audio backend (and the default timbre's prerender).
+
+        Also shortens Python's thread switch interval (process-wide) so that the audio thread never waits
+        milliseconds for the GIL while model threads run Python code.
+        """
+        if self.config.switch_interval_s:
+            sys.setswitchinterval(self.config.switch_interval_s)
+        self.backend.start(self.render_block)
+        self.scheduler.latency_samples = self.backend.latency_samples
+        self.started = True
+        if self.config.prerender_default:
+            self.prerenderer.request(self.timbre_point)
+
+    def close(self) -> None:
+        if self.started:
+            self.backend.stop()
+            self.started = False
+        self.streamer.close()
+        self.prerenderer.close()
+
+    # ----------------------------------------------------------------------------------------------- helpers
+    def _point(self, x: float, y: float) -> tuple[float, float, bool]:
+        """Clamp onto the covered region (unless allowed outside) and round to the cache key."""
+        try:
+            cx, cy, moved = self.synth.m.map.clamp(x, y, self.config.allow_outside)
+        except ValueError as e:
+            raise EngineError(str(e)) from e
+        if moved:
+            log.info("timbre point (%.3f, %.3f) is off the covered region; clamped to (%.3f, %.3f)", x, y, cx, cy)
+        kx, ky = self.cache.key(cx, cy)
+        return kx, ky, moved
+
+    def _pitch(self, pitch: float) -> int:
+        m = self.synth.m
+        if not float(pitch).is_integer() or not m.pitch_min <= pitch <= m.pitch_max:
+            raise EngineError(f"pitch {pitch} is outside this model's MIDI range {m.pitch_min}-{m.pitch_max}")
+        return int(pitch)
+
+    def _when(self, at: float | None, arrival: float | None) -> tuple[int, bool]:
+        arrival = time.time() if arrival is None else arrival
+        try:
+            return self.scheduler.target(at, arrival)
+        except ValueError as e:
+            raise EngineError(str(e)) from e
+
+    # ----------------------------------------------------------------------------------------------- handlers
+    def set_timbre(self, x: float, y: float) -> tuple[float, float, bool]:
+        """/pgesam/timbre: make (x, y) the current timbre and prerender its pitches -> (x, y, clamped)."""
+        kx, ky, moved = self._point(x, y)
+        self.timbre_point = (kx, ky)
+        self.prerenderer.request((kx, ky))
+        return kx, ky, moved
+
+    def note(self, pitch: float, velocity: float, x: float | None = None, y: float | None = None,
+             at: float | None = None, arrival: float | None = None) -> tuple[float, float, bool]:
+        """/pgesam/note: start `pitch` (MIDI) at `velocity` (1-127; 0 = note off) on the current timbre or on
+        (x, y); `at` a timetag (time.time() seconds) or None for now -> (x, y, clamped) of the point used."""
+        pitch = self._pitch(pitch)
+        if not 0 <= velocity <= 127:
+            raise EngineError(f"velocity {velocity} is outside 0-127")
+        if (x is None) != (y is None):
+            raise EngineError("give both x and y, or neither")
+        if velocity == 0:
+            self.note_off(pitch, at, arrival)
+            return (*self.timbre_point, False)
+        kx, ky, moved = self._point(x, y) if x is not None else (*self.timbre_point, False)
+        sample, timed = self._when(at, arrival)
+        audio = self.cache.get(kx, ky, pitch)
+        source = ArraySource(audio) if audio is not None else self.streamer.start_note((kx, ky), (kx, ky), pitch)
+        due = at if timed else (time.time() if arrival is None else arrival)
+        self.scheduler.submit(sample, NoteOn(pitch, velocity_gain(velocity, self.config.velocity_curve), source,
+                                             due), timed)
+        return kx, ky, moved
+
+    def note_off(self, pitch: float, at: float | None = None, arrival: float | None = None) -> None:
+        """/pgesam/note_off: release every held voice of `pitch`."""
+        pitch = self._pitch(pitch)
+        sample, timed = self._when(at, arrival)
+        self.scheduler.submit(sample, NoteOff(pitch), timed)
+
+    def all_off(self, at: float | None = None, arrival: float | None = None) -> None:
+        """/pgesam/all_off: release every voice."""
+        sample, timed = self._when(at, arrival)
+        self.scheduler.submit(sample, ALL_OFF, timed)
+
+    def render_note(self, x: float, y: float, pitch: float, path: str, velocity: float = 127) -> str:
+        """/pgesam/render: write one whole note to a WAV file (float32, the bundle's rate) -> the path."""
+        import soundfile
+        pitch = self._pitch(pitch)
+        target = Path(path).expanduser()
+        if not target.parent.is_dir():
+            raise EngineError(f"cannot write {path}: folder {target.parent} does not exist")
+        kx, ky, _ = self._point(x, y)
+        audio = self.cache.get(kx, ky, pitch)
+        if audio is None:
+            audio = self.synth.render([[kx, ky]], [pitch])[0]
+        soundfile.write(str(target), audio * velocity_gain(velocity, self.config.velocity_curve), self.sr,
+                        subtype="FLOAT")
+        return str(target)
+
+    def encode_file(self, path: str) -> Encoded:
+        """/pgesam/encode: an audio file -> its map point, pitch and nearest training instruments."""
+        import soundfile
+        if not Path(path).expanduser().is_file():
+            raise EngineError(f"no audio file at {path}")
+        try:
+            audio, sr = soundfile.read(str(Path(path).expanduser()), dtype="float32")
+        except RuntimeError as e:
+            raise EngineError(f"cannot read {path}: {e}") from e
+        try:
+            return self.synth.encode_audio(audio, sr)
+        except SynthError as e:
+            raise EngineError(str(e)) from e
+
+    def instruments(self) -> list[dict]:
+        """/pgesam/map: the training instruments with their points."""
+        return list(self.synth.m.map.instruments)
+
+    def status(self) -> dict:
+        """/pgesam/status: provider, voices, cache, underruns and latency figures."""
+        now = self.voices.onset_stats(timed=False)
+        timed = self.voices.onset_stats(timed=True)
+        first = self.streamer.first_chunk_ms[np.isfinite(self.streamer.first_chunk_ms)]
+        cache = self.cache.state()
+        return {
+            "provider": self.synth.bundle.provider, "step": self.synth.step_mode, "audio": self.backend.describe(),
+            "voices": self.voices.active, "max_voices": self.config.max_voices,
+            "timbre_x": self.timbre_point[0], "timbre_y": self.timbre_point[1],
+            "cache_timbres": cache["timbres"], "cache_complete": cache["complete"],
+            "cache_mb": round(cache["bytes"] / 2 ** 20, 1), "prerendering": int(self.prerenderer.busy),
+            "prerender_s": round(self.prerenderer.last_seconds, 3), "streaming": int(not self.streamer.idle.is_set()),
+            "underruns": self.backend.underruns, "audio_errors": self.backend.errors, "late": self.scheduler.late,
+            "stolen": self.voices.stolen, "starved": self.voices.starved,
+            "latency_ms_p50": round(now.get("p50_ms", -1.0), 3), "latency_ms_p99": round(now.get("p99_ms", -1.0), 3),
+            "jitter_ms": round(now.get("jitter_ms", -1.0), 3),
+            "timed_error_ms_p99": round(timed.get("p99_ms", -1.0), 3),
+            "stream_first_ms_p50": round(float(np.median(first)), 3) if len(first) else -1.0,
+        }
+
+    # ----------------------------------------------------------------------------------------------- audio thread
+    def render_block(self, out: np.ndarray, start: int, wall: float) -> None:
+        """The audio callback: apply due events at their exact samples, mix voices, limit. out (n,) float32."""
+        out.fill(0.0)
+        if not self.voices.voices and not self.scheduler.has_due(start + len(out)):
+            return  # idle: silence costs next to nothing
+        pos = 0
+        for offset, ev in self.scheduler.due(start, len(out)):
+            if offset > pos:
+                self.voices.render(out[pos:offset], start + pos, wall + pos / self.sr)
+                pos = offset
+            self._apply(ev.payload, ev.timed)
+        if pos < len(out):
+            self.voices.render(out[pos:], start + pos, wall + pos / self.sr)
+        out *= self.config.master_gain
+        soft_limit(out, self.config.limiter_threshold)
+
+    def _apply(self, payload: object, timed: bool) -> None:
+        if isinstance(payload, NoteOn):
+            self.voices.note_on(payload.pitch, payload.gain, payload.source, payload.due, timed)
+        elif isinstance(payload, NoteOff):
+            self.voices.note_off(payload.pitch)
+        elif payload == ALL_OFF:
+            self.voices.all_off()

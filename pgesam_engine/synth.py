@@ -1,0 +1,308 @@
+"""Synthesis with onnxruntime: timbre point + MIDI pitch -> codec frames -> audio, and audio -> timbre point.
+
+Per note batch: `transformer_encoder` once (cross-attention K/V reused by every step), then one `decoder_step` per
+frame with the self-attention cache kept as OrtValues bound with IOBinding, so the cache never goes through numpy.
+On CUDA the static-shape step (`decoder_step_static`) runs on fixed device buffers (two bindings used in turn, so
+input and output caches never alias), optionally captured as CUDA graphs. Audio comes from `codec_decoder` (whole
+notes) or `codec_decoder_stream` (a few frames at a time, state passed in and out explicitly).
+Only names and shapes from docs/bundle.md are used; nothing depends on what the graphs compute.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from .bundle import Bundle, BundleError
+
+log = logging.getLogger("pgesam.synth")
+STEP_MODES = ("auto", "dynamic", "static")
+_graph_ids = itertools.count(1)
+
+
+class SynthError(ValueError):
+    """A request the model cannot serve (pitch out of range, bad audio); the message says why."""
+
+
+def _type_of(session: ort.InferenceSession, name: str) -> type:
+    kinds = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+             "tensor(double)": np.float64, "tensor(int32)": np.int32}
+    for i in session.get_inputs():
+        if i.name == name:
+            return kinds.get(i.type, np.float32)
+    raise BundleError(f"graph has no input {name!r}; the bundle does not follow docs/bundle.md")
+
+
+class DynamicStepper:
+    """decoder_step with a growing cache: step p binds out_self_kv of step p-1 as in_self_kv, so the cache stays
+    an OrtValue on the device and never passes through numpy."""
+
+    def __init__(self, session: ort.InferenceSession, cross_kv: ort.OrtValue, batch: int, dim: int, kv_shape: tuple,
+                 device: str):
+        self.session, self.device = session, device
+        self.io = session.io_binding()
+        self.io.bind_ortvalue_input("cross_kv", cross_kv)
+        self.frame = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, dim), np.float32), device)  # <BOS>
+        self.kv = ort.OrtValue.ortvalue_from_numpy(np.zeros(kv_shape, np.float32), device)  # P = 0
+        self.positions: dict[int, ort.OrtValue] = {}
+
+    def step(self, position: int) -> np.ndarray:
+        """Run step `position` (= frames already generated) -> next frame (B, dim) float32 on the host."""
+        pos = self.positions.get(position)
+        if pos is None:
+            pos = self.positions[position] = ort.OrtValue.ortvalue_from_numpy(np.array(position, np.int64))
+        self.io.bind_ortvalue_input("frame", self.frame)
+        self.io.bind_ortvalue_input("position", pos)
+        self.io.bind_ortvalue_input("in_self_kv", self.kv)
+        self.io.bind_output("next_frame", self.device)
+        self.io.bind_output("out_self_kv", self.device)
+        self.session.run_with_iobinding(self.io)
+        self.frame, self.kv = self.io.get_outputs()
+        return self.frame.numpy()
+
+
+class StaticStepper:
+    """decoder_step_static on fixed buffers: frame and cache ping-pong between two bindings (A->B, B->A), so with
+    CUDA graphs each binding is captured once (its own `gpu_graph_id`) and replayed with only `position` updated.
+
+    graphs: "capture" (own graph ids), "off" (this stepper's runs bypass capture on a graph-enabled session:
+    gpu_graph_id -1, so a replay never uses another stepper's buffers), or "none" (session without CUDA graphs).
+    """
+
+    def __init__(self, session: ort.InferenceSession, batch: int, dim: int, kv_shape: tuple, device: str,
+                 graphs: str = "none"):
+        self.session, self.lock, self.device = session, threading.Lock(), device
+
+        def buf(shape: tuple, dtype: type = np.float32) -> ort.OrtValue:
+            return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), device)
+        self.position = buf((1,), np.int64)
+        self.frames = (buf((batch, dim)), buf((batch, dim)))
+        kv = (buf(kv_shape), buf(kv_shape))
+        self.cross = None
+        self.bindings = []
+        self.run_options = []
+        for parity in (0, 1):
+            io = session.io_binding()
+            io.bind_ortvalue_input("frame", self.frames[parity])
+            io.bind_ortvalue_input("position", self.position)
+            io.bind_ortvalue_input("in_self_kv", kv[parity])
+            io.bind_ortvalue_output("next_frame", self.frames[1 - parity])
+            io.bind_ortvalue_output("out_self_kv", kv[1 - parity])
+            self.bindings.append(io)
+            ro = ort.RunOptions()
+            if graphs != "none":
+                ro.add_run_config_entry("gpu_graph_id", str(next(_graph_ids)) if graphs == "capture" else "-1")
+            self.run_options.append(ro)
+        self._zero_frame = np.zeros((batch, dim), np.float32)
+
+    def reset(self, cross_kv: ort.OrtValue) -> None:
+        """Start a new note batch: <BOS> frame, new cross K/V copied into the fixed buffer (device to device)."""
+        if self.cross is None:
+            self.cross = ort.OrtValue.ortvalue_from_shape_and_type(cross_kv.shape(), np.float32, self.device)
+            for io in self.bindings:
+                io.bind_ortvalue_input("cross_kv", self.cross)
+        self.cross.update_inplace(cross_kv)
+        self.frames[0].update_inplace(self._zero_frame)
+
+    def step(self, position: int) -> np.ndarray:
+        parity = position % 2
+        self.position.update_inplace(np.array([position], np.int64))
+        self.session.run_with_iobinding(self.bindings[parity], self.run_options[parity])
+        return self.frames[1 - parity].numpy()
+
+
+class StreamDecoder:
+    """codec_decoder_stream for a batch: push frames (B, dim, t) -> audio (B, t*hop), state carried explicitly.
+
+    The first `latency_samples` of output (the codec's lookahead) are dropped so that streamed audio lines up
+    with the whole-note decode.
+    """
+
+    def __init__(self, session: ort.InferenceSession, state: Sequence[tuple[str, tuple[int, ...]]], batch: int,
+                 latency_samples: int = 0):
+        self.session = session
+        self.state = {f"in_{name}": np.zeros((batch, *shape[1:]), _type_of(session, f"in_{name}"))
+                      for name, shape in state}
+        self.skip = latency_samples
+
+    def push(self, frames: np.ndarray) -> np.ndarray:
+        outs = self.session.run(None, {"frames": np.ascontiguousarray(frames, np.float32), **self.state})
+        names = [o.name for o in self.session.get_outputs()]
+        result = dict(zip(names, outs))
+        for key in self.state:
+            self.state[key] = result["out_" + key[3:]]
+        audio = result["audio"]
+        if self.skip:
+            cut = min(self.skip, audio.shape[1])
+            self.skip -= cut
+            audio = audio[:, cut:]
+        return audio
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Where an audio file lands on the map: point, predicted MIDI pitch, nearest training instruments."""
+    x: float
+    y: float
+    pitch: int
+    nearest: list[tuple[dict, float]]
+
+
+class Synth:
+    """Generation, decoding and encoding over an open `Bundle`. Thread-safe: sessions may run concurrently."""
+
+    def __init__(self, bundle: Bundle, step_mode: str = "auto", stream_chunk: int = 8):
+        if step_mode not in STEP_MODES:
+            raise ValueError(f"step mode must be one of {STEP_MODES}, got {step_mode!r}")
+        self.bundle, self.m = bundle, bundle.manifest
+        self.device = bundle.device
+        if step_mode == "auto":
+            step_mode = "static" if self.device == "cuda" and bundle.has("decoder_step_static") else "dynamic"
+        if step_mode == "static":
+            bundle.session("decoder_step_static")
+        self.step_mode, self.stream_chunk = step_mode, stream_chunk
+        self._static: dict[int, StaticStepper] = {}
+        self._static_lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------------- conditioning
+    def conditions(self, points: np.ndarray, pitches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """points (B, 2), MIDI pitches (B,) -> z (B, 2) float32, pitch_index (B,) int64; SynthError if off range."""
+        z = np.ascontiguousarray(np.atleast_2d(points), np.float32)
+        p = np.atleast_1d(np.asarray(pitches)).astype(np.int64)
+        if z.shape[1:] != (2,) or len(z) != len(p):
+            raise SynthError(f"need one (x, y) per pitch, got points {z.shape} and pitches {p.shape}")
+        bad = p[(p < self.m.pitch_min) | (p > self.m.pitch_max)]
+        if len(bad):
+            raise SynthError(f"MIDI pitch {int(bad[0])} is outside this model's range "
+                             f"{self.m.pitch_min}-{self.m.pitch_max}")
+        return z, p - self.m.pitch_min
+
+    def _cross_kv(self, z: np.ndarray, pitch_index: np.ndarray) -> ort.OrtValue:
+        sess = self.bundle.session("transformer_encoder")
+        io = sess.io_binding()
+        io.bind_cpu_input("z", z)
+        io.bind_cpu_input("pitch_index", pitch_index)
+        io.bind_output("memory", self.device)
+        io.bind_output("cross_kv", self.device)
+        sess.run_with_iobinding(io)
+        return io.get_outputs()[1]
+
+    def _stepper(self, cross_kv: ort.OrtValue, batch: int) -> tuple[DynamicStepper | StaticStepper, Callable]:
+        """A stepper for this batch and the function that releases it."""
+        kv = self.m.kv
+        if self.step_mode == "dynamic":
+            return DynamicStepper(self.bundle.session("decoder_step"), cross_kv, batch, self.m.dim,
+                                  kv.self_shape(batch, 0), self.device), lambda: None
+        sess, shape = self.bundle.session("decoder_step_static"), kv.self_shape(batch, kv.max_length)
+        graphs = "capture" if self.bundle.cuda_graph else "none"
+        with self._static_lock:
+            stepper = self._static.get(batch)
+            if stepper is None:
+                stepper = self._static[batch] = StaticStepper(sess, batch, self.m.dim, shape, self.device, graphs)
+        if not stepper.lock.acquire(blocking=False):  # in use by another thread: a private, uncaptured one
+            stepper = StaticStepper(sess, batch, self.m.dim, shape, self.device,
+                                    "off" if self.bundle.cuda_graph else "none")
+            stepper.lock.acquire()
+        stepper.reset(cross_kv)
+        return stepper, stepper.lock.release
+
+    # ------------------------------------------------------------------------------------------- generation
+    def iter_frames(self, points: np.ndarray, pitches: np.ndarray, n_frames: int | None = None,
+                    chunk: int | None = None, between_steps: Callable[[], None] | None = None,
+                    first_chunk: int | None = None) -> Iterator[np.ndarray]:
+        """Generate notes frame by frame from <BOS>; yield frames (B, dim, c) as chunks fill up.
+
+        Chunks start at `first_chunk` frames and double up to `chunk` (a streamed note starts sooner and then
+        gets ahead); the last one may be shorter. `between_steps` is called before every step (the prerender
+        thread uses it to give way to streaming).
+        """
+        n = self.m.frames if n_frames is None else int(n_frames)
+        if not 1 <= n <= self.m.kv.max_length:
+            raise SynthError(f"n_frames must be in 1..{self.m.kv.max_length}, got {n}")
+        z, pidx = self.conditions(points, pitches)
+        chunk = n if chunk is None else max(1, int(chunk))
+        want = min(chunk, max(1, int(first_chunk or chunk)))
+        stepper, release = self._stepper(self._cross_kv(z, pidx), len(pidx))
+        try:
+            buf = np.empty((len(pidx), self.m.dim, chunk), np.float32)
+            filled = 0
+            for p in range(n):
+                if between_steps is not None:
+                    between_steps()
+                buf[:, :, filled] = stepper.step(p)
+                filled += 1
+                if filled == want or p == n - 1:
+                    yield buf[:, :, :filled].copy()
+                    filled, want = 0, min(chunk, 2 * want)
+        finally:
+            release()
+
+    def generate(self, points: np.ndarray, pitches: np.ndarray, n_frames: int | None = None,
+                 between_steps: Callable[[], None] | None = None) -> np.ndarray:
+        """points (B, 2), MIDI pitches (B,) -> codec frames (B, dim, n_frames) float32."""
+        return np.concatenate(list(self.iter_frames(points, pitches, n_frames, between_steps=between_steps)), axis=2)
+
+    def decode(self, frames: np.ndarray) -> np.ndarray:
+        """Codec frames (B, dim, T) -> audio (B, T*hop) float32 at the bundle's sample rate."""
+        sess = self.bundle.session("codec_decoder")
+        return sess.run(["audio"], {"emb": np.ascontiguousarray(frames, np.float32)})[0]
+
+    def render(self, points: np.ndarray, pitches: np.ndarray, batch_size: int = 25, n_frames: int | None = None,
+               progress: Callable[[int], None] | None = None,
+               between_steps: Callable[[], None] | None = None) -> np.ndarray:
+        """Whole notes in batches: points (N, 2), MIDI pitches (N,) -> audio (N, samples) float32.
+
+        `progress(k)` is called after each batch of k notes.
+        """
+        points, pitches = np.atleast_2d(points), np.atleast_1d(pitches)
+        self.conditions(points, pitches)  # fail before any work
+        parts = []
+        for i in range(0, len(pitches), batch_size):
+            frames = self.generate(points[i:i + batch_size], pitches[i:i + batch_size], n_frames, between_steps)
+            parts.append(self.decode(frames))
+            if progress is not None:
+                progress(len(frames))
+        return np.concatenate(parts) if parts else np.zeros((0, self.m.note_samples), np.float32)
+
+    def stream(self, point: Sequence[float], pitch: int, chunk: int | None = None,
+               n_frames: int | None = None, first_chunk: int = 2) -> Iterator[np.ndarray]:
+        """One note as audio chunks (float32) as soon as each chunk of frames exists: `first_chunk` frames,
+        doubling up to `chunk`. The first chunk is at least long enough to outlast the codec's latency.
+
+        Without codec_decoder_stream in the bundle, the whole note is yielded at once after generation.
+        """
+        chunk = chunk or self.stream_chunk
+        first_chunk = max(first_chunk, self.m.stream_latency // self.m.hop + 1)
+        if not self.bundle.has("codec_decoder_stream"):
+            log.warning("bundle has no codec_decoder_stream: the note plays after its whole generation")
+            yield self.decode(self.generate([point], [pitch], n_frames))[0]
+            return
+        dec = StreamDecoder(self.bundle.session("codec_decoder_stream"), self.m.stream_state, 1,
+                            self.m.stream_latency)
+        for frames in self.iter_frames([point], [pitch], n_frames, chunk, first_chunk=first_chunk):
+            yield dec.push(frames)[0]
+
+    # ------------------------------------------------------------------------------------------- encoding
+    def encode_audio(self, audio: np.ndarray, sample_rate: int, k: int = 3) -> Encoded:
+        """Mono or (samples, channels) audio -> its map point, MIDI pitch and the k nearest instruments."""
+        import soxr
+        a = np.asarray(audio, np.float32)
+        if a.ndim == 2:
+            a = a.mean(axis=1)
+        if a.ndim != 1 or len(a) == 0 or not np.isfinite(a).all():
+            raise SynthError("audio to encode must be a non-empty, finite mono or multichannel signal")
+        if sample_rate != self.m.sample_rate:
+            a = soxr.resample(a, sample_rate, self.m.sample_rate).astype(np.float32)
+        n = self.m.note_samples
+        a = np.pad(a[:n], (0, max(0, n - len(a))))[None]  # (1, samples)
+        emb = self.bundle.session("codec_encoder").run(["emb"], {"audio": a})[0]  # (1, dim, T)
+        t = self.m.frames
+        emb = np.pad(emb[:, :, :t], ((0, 0), (0, 0), (0, max(0, t - emb.shape[2]))))
+        mu, _, logits = self.bundle.session("vae_encoder").run(["mu", "logvar", "pitch_logits"], {"emb": emb})
+        x, y = float(mu[0, 0]), float(mu[0, 1])
+        return Encoded(x, y, int(np.argmax(logits[0])) + self.m.pitch_min, self.m.map.nearest(x, y, k))
