@@ -82,7 +82,9 @@ def dataset_check(root: Path, splits: tuple[str, ...], sample_rate: int, duratio
 
 
 from .cli_transformer import bench_command, render_command, transformer  # noqa: E402  (no torch at import)
+from .cli_vae import vae  # noqa: E402
 
+main.add_command(vae)
 main.add_command(transformer)
 main.add_command(render_command)
 main.add_command(bench_command)
