@@ -81,13 +81,18 @@ def dataset_check(root: Path, splits: tuple[str, ...], sample_rate: int, duratio
     click.echo("ok")
 
 
-from .cli_transformer import bench_command, render_command, transformer  # noqa: E402  (no torch at import)
+from .cli_codec import codec_group, dataset_encode_cmd  # noqa: E402  (no torch at import)
+from .cli_transformer import bench_command, render_command, transformer  # noqa: E402
 from .cli_vae import vae  # noqa: E402
 
+dataset.add_command(dataset_encode_cmd, "encode")
+main.add_command(codec_group)
 main.add_command(vae)
 main.add_command(transformer)
 main.add_command(render_command)
 main.add_command(bench_command)
+from .cli_export import export_command  # noqa: E402
+main.add_command(export_command)
 
 
 def run() -> None:

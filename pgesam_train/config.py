@@ -91,3 +91,230 @@ def data_preset(name: str) -> DataConfig:
 
 
 # ------------------------------------------------------------------------------- models (below)
+# ---------------------------------------------------------------------------------------------- codec
+@dataclass(frozen=True)
+class CodecConfig:
+    """A codec behind the EnCodec-24-kHz interface: `dim`-dim continuous embeddings at sample_rate/hop frames/s.
+
+    `backend` selects the implementation (`pgesam_train.codecs.BACKENDS`); the other fields are read by the
+    backends that use them. Training fields live here too, so a checkpoint says how it was trained.
+    """
+    backend: str = "stft"  # stft (Vocos-style, our default) | encodec (the paper's) | griffinlim (no training)
+    sample_rate: int = 24000
+    hop: int = 320  # samples per frame: 24000 / 320 = 75 frames/s
+    dim: int = 128
+    # stft backend: encoder (fixed log-mel, or learned) -> ConvNeXt decoder at frame rate -> iSTFT head
+    n_fft: int = 1280
+    n_mels: int = 128
+    encoder: str = "mel"  # mel | learned
+    width: int = 384
+    n_blocks: int = 8
+    kernel: int = 7
+    causal: bool = True  # causal convs: streaming needs no lookahead beyond the iSTFT overlap
+    ffn_mult: int = 3  # ConvNeXt hidden width = ffn_mult * width
+    # phase of each STFT bin: "angle" = predicted per frame (Vocos; steady notes come out at multiples of 75 Hz);
+    # "advance" = phase vocoder: running sum of the advance implied by the log-magnitude slope + learned corrections
+    phase: str = "advance"
+    # griffinlim backend (the floor): same log-mel encoder as `stft`, phase found by iteration
+    griffinlim_iters: int = 32
+    # encodec backend: SEANet encoder/decoder of the `encodec` package, no quantizer
+    encodec_n_filters: int = 32
+    encodec_lstm_layers: int = 2
+    encodec_ratios: tuple[int, ...] = (8, 5, 4, 2)
+    encodec_pretrained: bool = True  # True: Meta's encodec_24khz weights; False: random init (trained by us)
+    # training
+    steps: int = 20000
+    batch_size: int = 8
+    crop_frames: int = 75  # training crops of this many frames (1 s)
+    lr: float = 2e-4
+    seed: int = 0
+    loss_mel: float = 1.0  # multi-scale log-mel L1
+    loss_stft: float = 1.0  # multi-resolution STFT (spectral convergence + log-magnitude L1)
+    loss_wav: float = 0.0  # waveform L1
+
+    def __post_init__(self) -> None:
+        if self.dim <= 0 or self.hop <= 0 or self.sample_rate <= 0:
+            raise ValueError("codec dim, hop and sample_rate must be positive")
+        if self.encoder not in ("mel", "learned"):
+            raise ValueError(f"codec encoder {self.encoder!r}: choose mel or learned")
+        if self.phase not in ("angle", "advance"):
+            raise ValueError(f"codec phase {self.phase!r}: choose angle or advance")
+        if self.encoder == "mel" and self.n_mels != self.dim:
+            raise ValueError(f"a log-mel encoder gives n_mels={self.n_mels} dims, but dim={self.dim}")
+        if self.n_fft < self.hop or self.n_fft % self.hop:
+            raise ValueError(f"n_fft {self.n_fft} must be a multiple of hop {self.hop}")
+
+    @property
+    def frame_rate(self) -> float:
+        return self.sample_rate / self.hop
+
+
+CODEC_PRESET_TABLE: dict[str, CodecConfig] = {
+    # tests: one narrow ConvNeXt block (stft), a 4-filter 1-LSTM-layer SEANet at random init (encodec)
+    "tiny": CodecConfig(width=32, n_blocks=1, ffn_mult=2, griffinlim_iters=4, encodec_n_filters=4,
+                        encodec_lstm_layers=1, encodec_pretrained=False, steps=20, batch_size=2, crop_frames=16),
+    # 2 CPU cores: 8 ConvNeXt blocks of width 384 (stft); the pretrained EnCodec 24 kHz sizes (encodec)
+    "small": CodecConfig(),
+}
+
+
+# ---------------------------------------------------------------------------------------- transformer
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Stage 2 (Section 3.2): encoder over (x, y, pitch) tokens, causal decoder over codec frames.
+
+    Shapes: frames (B, dim, frames) of the latent cache; the decoder sees (B, frames, dim) prefixed by <BOS> = 0.
+    Training fields live here too, so a checkpoint says how it was trained.
+    """
+    d_model: int = 256
+    n_heads: int = 4
+    n_encoder_layers: int = 4
+    n_decoder_layers: int = 4
+    d_ff: int = 1024
+    dropout: float = 0.1
+    frames: int = 300  # decoder positions (4 s at 75 frames/s)
+    dim: int = 128  # codec embedding size
+    n_pitches: int = 25
+    pitch_min: int = 48  # MIDI of pitch class 0
+    z_noise: float = 0.01  # beta in z~ = mu + sigma * eps * beta
+    # training
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decay to lr * this
+    warmup_steps: int = 500
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    batch_size: int = 64
+    steps: int = 20000
+    val_every: int = 500
+    val_batches: int = 8
+    log_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if not 0 <= self.pitch_min <= 127 - self.n_pitches + 1:
+            raise ValueError(f"pitch range {self.pitch_min}+{self.n_pitches} leaves MIDI 0-127")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+TRANSFORMER_PRESETS: dict[str, TransformerConfig] = {
+    # seconds on one core; used by the tests
+    "tiny": TransformerConfig(d_model=32, n_heads=2, n_encoder_layers=1, n_decoder_layers=2, d_ff=64, dropout=0.0,
+                              lr=3e-3, warmup_steps=5, batch_size=8, steps=60, val_every=20, val_batches=2,
+                              log_every=10),
+    # the shipped model: a 300-frame note well under realtime on 2 CPU cores after export; 4000 x 32 notes
+    # (~50 epochs of the default dataset's ~2,500 training notes) is hours, not days, on 2 CPU cores
+    "small": TransformerConfig(batch_size=32, steps=4000, warmup_steps=200, val_every=250),
+    # Table 2 of the paper; lr, batch and AdamW betas as in the authors' code
+    "paper": TransformerConfig(d_model=512, n_heads=8, n_encoder_layers=8, n_decoder_layers=12, d_ff=8192,
+                               lr=1e-4, warmup_steps=1000, steps=100000, val_every=1000),
+}
+
+
+def transformer_preset(name: str) -> TransformerConfig:
+    return preset(TRANSFORMER_PRESETS, name, "transformer")
+
+
+# ------------------------------------------------------------------------------------------------ vae
+@dataclass(frozen=True)
+class VAELossConfig:
+    """Eq. 1 of the paper: the seven loss weights beta and schedule exponents alpha of Table 1, the neighbour
+    loss constants (Eq. 6-7) and one on/off switch per term for the ablations of Table 6.
+
+    Where the authors' public code differs from the paper, the paper is our spec: the family weight is
+    (1 - gamma)^alpha_fam (code: 1 - gamma^1.5), the neighbour sums exclude j == i (code: diagonal kept), and the
+    betas are Table 1's (code: other final values).
+    """
+    beta_rec: float = 0.2
+    beta_kl: float = 0.0039  # Eq. 3 sums over the minibatch: 0.0039 x 256 ~ 1 per-sample weight
+    beta_reg: float = 1.0
+    beta_nei: float = 0.6
+    beta_pitch: float = 0.07
+    beta_inst: float = 0.12
+    beta_fam: float = 2.0
+    alpha_nei: float = 0.5  # weight gamma^alpha_nei
+    alpha_inst: float = 0.8  # weight gamma^alpha_inst
+    alpha_fam: float = 1.5  # weight (1 - gamma)^alpha_fam
+    margin: float = 0.25  # M of Eq. 7, in latent units
+    eps: float = 1e-6  # epsilon of Eq. 6-7
+    use_rec: bool = True
+    use_kl: bool = True
+    use_reg: bool = True
+    use_nei: bool = True
+    use_pitch: bool = True
+    use_inst: bool = True
+    use_fam: bool = True
+
+
+# Table 6: ablation name -> the switch it turns off
+VAE_ABLATIONS: dict[str, str] = {"no_kl": "use_kl", "no_reg": "use_reg", "no_nei": "use_nei", "no_fam": "use_fam"}
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Stage 1 (Section 3.1): conv encoder over (B, dim, frames) codec embeddings -> 2-D timbre latent + pitch
+    logits; decoder from z (+) one-hot pitch back to (B, dim, frames); instrument and family classifiers on mu.
+
+    `n_instruments` is set from the training split when training starts. Training fields live here too (as in
+    CodecConfig), and `loss` nests the loss config, so a checkpoint says how it was trained.
+    """
+    dim: int = 128  # codec embedding size (input channels)
+    frames: int = 300  # 4 s at 75 frames/s
+    pitch_min: int = 48  # MIDI of pitch class 0
+    n_pitches: int = 25  # MIDI 48..72
+    latent_dim: int = 2
+    conv_channels: tuple[int, ...] = (128, 256, 512, 1024, 2048)  # encoder Conv1d outputs, stride 2 each
+    enc_dense: tuple[int, ...] = (8192, 4096, 2048, 1024, 512)
+    dec_dense: tuple[int, ...] = (512, 1024, 2048, 4096, 8192)
+    deconv_channels: tuple[int, ...] = (2048, 1024, 512, 256, 128)  # last one must equal dim
+    inst_hidden: tuple[int, ...] = (4, 8, 16, 32, 64, 32, 64, 128, 256, 512, 1024)  # then N_inst
+    fam_hidden: tuple[int, ...] = (4, 8, 16, 32)  # then N_fam
+    n_instruments: int = 0  # classes of the instrument classifier: training instruments
+    n_families: int = 11
+    kernel: int = 5  # authors' code: kernel 5, padding 2
+    dropout: float = 0.1
+    negative_slope: float = 0.2  # LeakyReLU
+    # training
+    epochs: int = 1000  # not given in the paper
+    batch_size: int = 256
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    seed: int = 0
+    loss: VAELossConfig = field(default_factory=VAELossConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.loss, dict):  # rebuilt by from_dict from a checkpoint
+            object.__setattr__(self, "loss", from_dict(VAELossConfig, self.loss))
+        if len(self.conv_channels) != len(self.deconv_channels):
+            raise ValueError("VAEConfig: conv_channels and deconv_channels need the same number of layers")
+        if self.deconv_channels[-1] != self.dim:
+            raise ValueError(f"VAEConfig: the last deconv layer must output dim={self.dim} channels")
+        if not 0 <= self.pitch_min <= 127 - self.n_pitches + 1:
+            raise ValueError(f"pitch range {self.pitch_min}+{self.n_pitches} leaves MIDI 0-127")
+
+
+VAE_PRESETS: dict[str, VAEConfig] = {
+    # seconds on one core; used by the tests
+    "tiny": VAEConfig(conv_channels=(8, 8, 16, 16, 16), enc_dense=(32, 32, 16), dec_dense=(16, 32, 32),
+                      deconv_channels=(16, 16, 8, 8, 128), inst_hidden=(4, 8, 16), fam_hidden=(4, 8),
+                      dropout=0.0, epochs=4, batch_size=32, lr=3e-3, weight_decay=0.0),
+    # the shipped model: same structure, narrower layers; trains on 2 CPU cores in well under an hour
+    # (channels kept low at full time resolution: the first conv and the last deconv cost the most).
+    # beta_pitch 1.0, not Table 1's 0.07: in a run this short the KL and family terms hold the pitch head at
+    # chance (measured: CE = ln 25 after 150 steps at 0.07; learning within 40 steps at 1.0).
+    "small": VAEConfig(conv_channels=(16, 16, 32, 64, 128), enc_dense=(512, 256, 256, 128, 128),
+                       dec_dense=(128, 128, 256, 256, 512), deconv_channels=(128, 64, 32, 16, 128),
+                       epochs=80, lr=1e-3, loss=VAELossConfig(beta_pitch=1.0)),
+    # the paper's sizes (Section 3.1); lr, weight decay and AdamW betas as in the authors' code
+    "paper": VAEConfig(),
+}
+
+
+def vae_preset(name: str) -> VAEConfig:
+    return preset(VAE_PRESETS, name, "vae")

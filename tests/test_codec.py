@@ -1,0 +1,191 @@
+"""The codec interface, registry, checkpoints, training loop, Griffin-Lim floor and `dataset encode` on tiny configs."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from pgesam_train.checkpoint import CheckpointError
+from pgesam_train.codec import (Codec, CodecError, build_codec, codec_id, codec_preset, frames_for, load_codec,
+                                resample, save_codec)
+from pgesam_train.codecs import BACKENDS
+from pgesam_train.data.latents import LatentCacheError, load_latents
+from pgesam_train.data.nsynth import note_str
+from pgesam_train.train_codec import SpectralLoss, reconstruction_loss, train_codec
+
+SR = 24000
+
+
+def harmonic(f0: float, seconds: float, sr: int = SR, decay: float = 0.5) -> np.ndarray:
+    """A decaying 5-harmonic tone, (samples,) float32 with peak below 1."""
+    t = np.arange(int(seconds * sr)) / sr
+    x = sum(np.sin(2 * np.pi * f0 * k * t) / k for k in range(1, 6)) * np.exp(-decay * t)
+    return (0.4 * x / np.abs(x).max()).astype(np.float32)
+
+
+def write_nsynth(root, notes_per_split: dict[str, list[tuple[int, int]]]) -> None:
+    """A small NSynth-format folder: {split: [(instrument, midi pitch), ...]}, 4 s at 16 kHz."""
+    for split, notes in notes_per_split.items():
+        audio_dir = root / f"nsynth-{split}" / "audio"
+        audio_dir.mkdir(parents=True)
+        examples = {}
+        for inst, pitch in notes:
+            key = note_str("keyboard", "synthetic", inst, pitch, 100)
+            sf.write(audio_dir / f"{key}.wav", harmonic(440 * 2 ** ((pitch - 69) / 12), 4.0, 16000),
+                     16000, subtype="PCM_16")
+            examples[key] = {"note": len(examples), "note_str": key, "instrument": inst,
+                             "instrument_str": f"keyboard_synthetic_{inst:03d}", "instrument_source": 2,
+                             "instrument_source_str": "synthetic", "instrument_family": 4,
+                             "instrument_family_str": "keyboard", "pitch": pitch, "velocity": 100,
+                             "sample_rate": 16000, "qualities": [0] * 10, "qualities_str": []}
+        (root / f"nsynth-{split}" / "examples.json").write_text(json.dumps(examples))
+
+
+@pytest.fixture()
+def dataset(tmp_path):
+    root = tmp_path / "nsynth"
+    write_nsynth(root, {"train": [(0, 60), (0, 64), (1, 57)], "valid": [(2, 62)], "test": [(3, 59), (3, 67)]})
+    return root
+
+
+@pytest.mark.parametrize("backend", ["stft", "griffinlim"])
+@pytest.mark.parametrize("samples", [1, 319, 320, 321, 24000, 96000])
+def test_interface_shapes(backend, samples):
+    codec = build_codec(codec_preset("tiny", backend)).eval()
+    assert isinstance(codec, Codec) and BACKENDS[backend] is type(codec)
+    assert (codec.sample_rate, codec.hop, codec.frame_rate, codec.dim) == (24000, 320, 75.0, 128)
+    with torch.no_grad():
+        emb = codec.encode(torch.randn(2, samples) * 0.1)
+        assert emb.shape == (2, 128, math.ceil(samples / 320)) == (2, 128, frames_for(samples))
+        assert codec.decode(emb).shape == (2, emb.shape[2] * 320)
+
+
+def test_registry_and_presets():
+    assert set(BACKENDS) == {"stft", "encodec", "griffinlim"}
+    assert codec_preset("small").backend == "stft" and codec_preset("tiny", "griffinlim").backend == "griffinlim"
+    with pytest.raises(ValueError, match="unknown codec preset"):
+        codec_preset("huge")
+    with pytest.raises(CodecError, match="unknown codec backend"):
+        build_codec(dataclasses.replace(codec_preset("tiny"), backend="wavenet"))
+    with pytest.raises(ValueError, match="n_mels"):
+        dataclasses.replace(codec_preset("tiny"), n_mels=80)
+
+
+def test_bad_input_errors():
+    codec = build_codec(codec_preset("tiny")).eval()
+    with pytest.raises(CodecError, match="16000 Hz"):
+        codec.encode(torch.zeros(1, 16000), sample_rate=16000)
+    with pytest.raises(CodecError, match=r"\(batch, samples\)"):
+        codec.encode(torch.zeros(16000))
+    with pytest.raises(CodecError, match=r"\(batch, samples\)"):
+        codec.encode(np.zeros((1, 16000), dtype=np.float32))
+    with pytest.raises(CodecError, match="0 samples"):
+        codec.encode(torch.zeros(1, 0))
+    with pytest.raises(CodecError, match=r"\(batch, 128, frames\)"):
+        codec.decode(torch.zeros(1, 64, 10))
+    with pytest.raises(CodecError, match="no ONNX"):
+        build_codec(codec_preset("tiny", "griffinlim")).export_modules()
+
+
+def test_resample_exact_length():
+    y = resample(np.zeros(64000, dtype=np.float32), 16000, 24000)
+    assert y.shape == (96000,) and y.dtype == np.float32
+
+
+def test_checkpoint_round_trip_and_identity(tmp_path):
+    codec = build_codec(codec_preset("tiny"))
+    with torch.no_grad():
+        codec.decoder.head.proj.bias.add_(0.5)  # differs from a fresh init
+    path = save_codec(tmp_path / "c.pt", codec, step=7)
+    loaded = load_codec(path)
+    assert loaded.config == codec.config and not loaded.training
+    emb = torch.randn(1, 128, 9)
+    with torch.no_grad():
+        assert torch.equal(loaded.decode(emb), codec.eval().decode(emb))
+    ident = codec_id(loaded)
+    assert ident == codec_id(codec) and json.loads(json.dumps(ident)) == ident
+    assert ident != codec_id(build_codec(codec_preset("tiny")))
+    with pytest.raises(CheckpointError, match="no codec checkpoint"):
+        load_codec(tmp_path / "missing.pt")
+
+
+def test_griffinlim_floor_keeps_pitch():
+    codec = build_codec(codec_preset("small", "griffinlim"))
+    x = torch.from_numpy(harmonic(261.63, 1.0))[None]
+    y = codec.decode(codec.encode(x))
+    spectrum = np.abs(np.fft.rfft(y[0, 2400:19200].numpy()))
+    assert abs(np.argmax(spectrum) * SR / 16800 - 261.63) < 5  # strongest partial at the fundamental
+    assert (codec.encode(y) - codec.encode(x)).abs().mean() < 0.5  # its mel matches the original's
+
+
+def test_training_steps_lower_the_loss():
+    torch.manual_seed(0)
+    codec = build_codec(codec_preset("tiny"))
+    x = torch.from_numpy(np.stack([harmonic(220, 0.3), harmonic(330, 0.3)]))
+    loss_fn = SpectralLoss(SR)
+    opt = torch.optim.AdamW(codec.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss = reconstruction_loss(codec, loss_fn, x)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.85 * losses[0] and np.mean(losses[-5:]) < np.mean(losses[:5]), losses
+
+
+def test_train_checkpoint_and_resume(dataset, tmp_path):
+    config = dataclasses.replace(codec_preset("tiny"), steps=4)
+    out = tmp_path / "codec.pt"
+    first = train_codec(config, dataset, out, save_every=2, log_every=1, progress=False)
+    assert first["step"] == 4 and load_codec(out).config == config
+    second = train_codec(dataclasses.replace(config, steps=6), dataset, out, save_every=2, log_every=1,
+                         progress=False)
+    assert second["step"] == 6
+    rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(float(r["loss"])) for r in rows) and rows[1]["valid_loss"] != ""
+    with pytest.raises(CodecError, match="another config"):
+        train_codec(dataclasses.replace(config, width=48), dataset, out, progress=False)
+    with pytest.raises(CodecError, match="nothing to train"):
+        train_codec(codec_preset("tiny", "griffinlim"), dataset, tmp_path / "gl.pt", progress=False)
+
+
+def test_encode_dataset_writes_a_readable_cache(dataset, tmp_path):
+    from pgesam_train.encode_dataset import encode_dataset
+    codec = build_codec(codec_preset("tiny"))
+    cache = tmp_path / "latents"
+    summary = encode_dataset(dataset, cache, codec, batch_size=2, progress=False)
+    assert summary["notes"] == {"train": 3, "valid": 1, "test": 2}
+    train = load_latents(cache, "train")
+    assert train.emb.shape == (3, 128, 300) and list(train.pitch) == [60, 64, 57]
+    assert train.meta["codec"] == codec_id(codec) and list(train.family) == [4, 4, 4]
+    audio, _ = sf.read(dataset / "nsynth-train" / "audio" / f"{train.note_str[0]}.wav", dtype="float32")
+    with torch.no_grad():
+        expected = codec.encode(torch.from_numpy(resample(audio, 16000, 24000))[None])[0].numpy()
+    np.testing.assert_allclose(train.emb[0].astype(np.float32), expected, atol=0.02)
+    other = build_codec(dataclasses.replace(codec_preset("tiny"), width=48))
+    with pytest.raises(LatentCacheError, match="refusing to mix"):
+        encode_dataset(dataset, cache, other, splits=("test",), progress=False)
+
+
+def test_eval_reports_every_codec_and_the_floor(dataset, tmp_path):
+    from pgesam_train.eval_codec import bench_decode, evaluate_codecs, markdown_table
+    out = tmp_path / "eval"
+    results = evaluate_codecs({"tiny": build_codec(codec_preset("tiny")).eval()}, dataset, out, limit=2,
+                              n_examples=1, progress=False)
+    rows = results["rows"]
+    assert list(rows) == ["ground_truth", "tiny", "griffinlim_floor"] and results["notes"] == 2
+    assert rows["ground_truth"]["mel_l1"] == 0 and rows["ground_truth"]["pitch_ok"] == 1.0
+    assert rows["griffinlim_floor"]["pitch_ok"] == 1.0 and rows["griffinlim_floor"]["mel_l1"] < rows["tiny"]["mel_l1"]
+    assert "| griffinlim_floor |" in markdown_table(results)
+    assert json.loads((out / "results.json").read_text())["rows"].keys() == rows.keys()
+    assert len(list(out.glob("*.png"))) == 1 and len(list(out.glob("*.wav"))) == 3
+    speed = bench_decode(build_codec(codec_preset("tiny")).eval(), frames=20, repeats=2, threads=1)
+    assert speed["full_decode_s"] > 0 and speed["realtime_factor"] > 1
