@@ -89,6 +89,7 @@ class Manifest:
     kv: KVSpec
     stream_state: tuple[tuple[str, tuple[int, ...]], ...]
     stream_latency: int
+    stream_min_first_frames: int  # the codec's first streamed chunk needs at least this many frames (EnCodec: 7)
     map: TimbreMap
 
     @property
@@ -127,6 +128,7 @@ def parse_manifest(raw: dict, where: str = "manifest.json") -> Manifest:
                     for k in ("layers", "heads", "head_dim", "encoder_length", "max_length"))),
         stream_state=tuple((s["name"], tuple(int(v) for v in s["shape"])) for s in stream.get("state", [])),
         stream_latency=int(stream.get("latency_samples", 0)),
+        stream_min_first_frames=int(stream.get("min_first_frames", 1)),
         map=TimbreMap(tuple(map(float, bounds["x"])), tuple(map(float, bounds["y"])), float(mp.get("radius", 1.0)),
                       tuple(mp.get("instruments", []))))
 

@@ -272,12 +272,13 @@ class Synth:
     def stream(self, point: Sequence[float], pitch: int, chunk: int | None = None,
                n_frames: int | None = None, first_chunk: int = 2) -> Iterator[np.ndarray]:
         """One note as audio chunks (float32) as soon as each chunk of frames exists: `first_chunk` frames,
-        doubling up to `chunk`. The first chunk is at least long enough to outlast the codec's latency.
+        doubling up to `chunk`. The first chunk is at least long enough to outlast the codec's latency and at
+        least the codec's `min_first_frames`.
 
         Without codec_decoder_stream in the bundle, the whole note is yielded at once after generation.
         """
         chunk = chunk or self.stream_chunk
-        first_chunk = max(first_chunk, self.m.stream_latency // self.m.hop + 1)
+        first_chunk = max(first_chunk, self.m.stream_latency // self.m.hop + 1, self.m.stream_min_first_frames)
         if not self.bundle.has("codec_decoder_stream"):
             log.warning("bundle has no codec_decoder_stream: the note plays after its whole generation")
             yield self.decode(self.generate([point], [pitch], n_frames))[0]

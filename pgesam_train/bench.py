@@ -4,6 +4,10 @@ Methods are registered in `METHODS` by name: a method takes the `BenchSetup` and
 `Timing`. The torch methods live here; an ONNX method (`onnx-cached`) can be added beside them by the export code,
 reading `setup.onnx_bundle`, without touching the loop. Ratios are reported against `torch-uncached`.
 
+`onnx-cached` (`--method onnx-cached`) is the engine's way: the Transformer exported to ONNX (`setup.onnx_bundle`,
+or the setup's model exported to a temporary folder), run by onnxruntime with the KV-cached step through the
+engine's own IOBinding stepper (`pgesam_engine.synth.DynamicStepper`), as many intra-op threads as torch.
+
 `torch-uncached` is the authors' way: the full forward recomputed for every frame. Batch 1 is always timed in full.
 For larger batches, with `uncached_stride` > 1, it times only every stride-th of those forwards (lengths 1, 1+s,
 ..., frames) and sums their linear interpolation over all lengths: an estimate, labelled as such, that keeps a
@@ -99,11 +103,58 @@ def torch_uncached(setup: BenchSetup, batch: int) -> Timing:
     return Timing("torch-uncached", batch, n, secs, f"estimated: forwards at every {stride}th length, interpolated")
 
 
+def _onnx_sessions(setup: BenchSetup) -> tuple[object, object, str]:
+    """(transformer_encoder session, decoder_step session, where they came from), made once per setup."""
+    if "onnx_sessions" in setup.extra:
+        return setup.extra["onnx_sessions"]
+    import tempfile
+
+    import onnxruntime as ort
+
+    from export.decoder_step import decoder_step_spec
+    from export.manifest import export_graph
+    from export.transformer_encoder import transformer_encoder_spec
+    from pgesam_engine.bundle import session_options
+    if setup.onnx_bundle is not None:
+        folder, where = Path(setup.onnx_bundle), f"bundle {setup.onnx_bundle}"
+    else:
+        setup.extra["onnx_tmp"] = tempfile.TemporaryDirectory(prefix="pgesam-bench-")
+        folder, where = Path(setup.extra["onnx_tmp"].name), "the timed model, exported"
+        for spec in (transformer_encoder_spec(setup.model), decoder_step_spec(setup.model)):
+            export_graph(spec, folder / spec.file, {"frames": str(setup.model.config.frames)})
+    options = session_options(torch.get_num_threads(), cpu_only=True)
+    sessions = tuple(ort.InferenceSession(str(folder / f"{name}.onnx"), options, providers=["CPUExecutionProvider"])
+                     for name in ("transformer_encoder", "decoder_step"))
+    setup.extra["onnx_sessions"] = (*sessions, where)
+    return setup.extra["onnx_sessions"]
+
+
+def onnx_cached(setup: BenchSetup, batch: int) -> Timing:
+    """A whole note batch through ONNX Runtime: encoder once, then `frames` KV-cached steps with IOBinding."""
+    import onnxruntime as ort
+
+    from pgesam_engine.synth import DynamicStepper
+    encoder, step, where = _onnx_sessions(setup)
+    cfg = setup.model.config
+    z, pitch = _inputs(setup, batch)
+    feeds = {"z": z.numpy(), "pitch_index": (pitch - cfg.pitch_min).numpy()}
+    kv_shape = (cfg.n_decoder_layers, 2, batch, cfg.n_heads, 0, cfg.head_dim)
+
+    def generate() -> None:
+        cross = ort.OrtValue.ortvalue_from_numpy(encoder.run(["cross_kv"], feeds)[0])
+        stepper = DynamicStepper(step, cross, batch, cfg.dim, kv_shape, "cpu")
+        for p in range(setup.frames):
+            stepper.step(p)
+    secs = best_of(generate, setup.repeats)
+    return Timing("onnx-cached", batch, setup.frames, secs, f"onnxruntime {ort.__version__}, {where}")
+
+
 METHODS: dict[str, Method] = {
     "torch-uncached": torch_uncached,
     "torch-cached": torch_cached,
     "torch-cached-dynamic": lambda setup, batch: torch_cached(setup, batch, cache="dynamic"),
     "torch-cached-static": lambda setup, batch: torch_cached(setup, batch, cache="static"),
+    "onnx-cached": onnx_cached,
 }
 
 

@@ -151,6 +151,9 @@ def render_command(preset: str, checkpoint: Path | None, codec_path: Path | None
 @click.option("--method", "methods", multiple=True, default=("torch-uncached", "torch-cached", "torch-cached-dynamic"),
               show_default=True,
               help="Methods to time (see pgesam_train.bench.METHODS).")
+@click.option("--onnx", "onnx", is_flag=True, help="Also time the note through ONNX Runtime (method onnx-cached).")
+@click.option("--onnx-bundle", type=click.Path(path_type=Path), default=None,
+              help="With --onnx: time this exported bundle (default: the timed model, exported on the fly).")
 @click.option("--frames", type=int, default=300, show_default=True)
 @click.option("--repeats", type=int, default=3, show_default=True, help="Cached runs: best of this many.")
 @click.option("--uncached-stride", type=int, default=10, show_default=True,
@@ -159,7 +162,7 @@ def render_command(preset: str, checkpoint: Path | None, codec_path: Path | None
               help="Report folder (default: $PGESAM_HOME/runs/bench-PRESET).")
 @THREADS
 def bench_command(preset: str, checkpoint: Path | None, batches: tuple[int, ...], methods: tuple[str, ...],
-                  frames: int, repeats: int, uncached_stride: int, out: Path | None, threads: int | None) -> None:
+                  onnx: bool, onnx_bundle: Path | None, frames: int, repeats: int, uncached_stride: int, out: Path | None, threads: int | None) -> None:
     """Seconds to generate one 300-frame note: uncached (full forward per frame) vs KV-cached, and the ratio."""
     import torch
 
@@ -172,7 +175,8 @@ def bench_command(preset: str, checkpoint: Path | None, batches: tuple[int, ...]
     if checkpoint is None:
         torch.manual_seed(0)
     model = load_transformer(checkpoint)[0] if checkpoint else TimbreTransformer(transformer_preset(preset))
-    setup = BenchSetup(model, frames=frames, repeats=repeats, uncached_stride=uncached_stride)
+    setup = BenchSetup(model, frames=frames, repeats=repeats, uncached_stride=uncached_stride, onnx_bundle=onnx_bundle)
+    methods = tuple(methods) + (("onnx-cached",) if onnx and "onnx-cached" not in methods else ())
     report = run_bench(setup, list(methods), list(batches), log=click.echo)
     report["weights"] = str(checkpoint) if checkpoint else f"random ({preset} preset)"
     js, md = write_report(report, out or paths.runs_dir(f"bench-{preset}"))

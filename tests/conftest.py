@@ -28,3 +28,13 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("data") / "tiny"
     build_dataset(data_preset("tiny"), out, preset_name="tiny", log=lambda *_: None)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> None:
+    """One intra-op torch thread for a test module: timing-free tests run steadier on a shared 2-core machine."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -15,13 +15,7 @@ from pgesam_train.generate import (CACHE_MODES, DecoderStep, EncoderCall, Static
 from pgesam_train.transformer import TimbreTransformer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> None:
-    """One intra-op thread: these timings-free tests are steadier on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +121,7 @@ def test_bench_runs_and_reports(model: TimbreTransformer, tmp_path: Path) -> Non
     assert js.is_file() and md.read_text() == markdown(report) + "\n"
     assert "| torch-cached | 3 |" in md.read_text()
     with pytest.raises(ValueError, match="unknown bench method"):
-        run_bench(setup, ["onnx-cached"], [1])
+        run_bench(setup, ["no-such-method"], [1])
 
 
 def test_encoder_call_exports_to_onnx(model: TimbreTransformer, tmp_path: Path) -> None:

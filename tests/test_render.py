@@ -22,13 +22,7 @@ from test_transformer import write_cache, write_vae  # the synthetic latent cach
 SR, FRAMES, HOP = 24000, 300, 320
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> None:
-    """One intra-op thread: steadier on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

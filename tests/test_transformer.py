@@ -24,13 +24,7 @@ from pgesam_train.vae import VAE, load_vae
 B, T = 3, 40
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> None:
-    """One intra-op thread: steadier on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,337 @@
+"""`pgesam-train export --check DIR`: every graph of a bundle in onnxruntime against the torch models it came from.
+
+Each graph runs on random inputs and on real ones (embeddings of real notes from the VAE's latent cache, audio
+decoded from them, the training instruments' map points) and is compared with the torch computation it replaces:
+one `Row` per case with the largest absolute error. Codec graphs are probed at 7, 8, 75, 300 and 301 frames, the
+streaming decoder against torch streaming and against the whole-note decode. Finally whole notes are generated
+through the graphs alone (transformer_encoder + 300 decoder_step calls + codec_decoder) and compared with the
+torch reference render (`pgesam_train.generate.generate`, KV-cached) on the embeddings, to `note_tolerance`.
+Quantised variants are reported beside, without a tolerance.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from pgesam_train.codec import codec_id
+from pgesam_train.data.latents import LatentCacheError, load_latents
+from pgesam_train.generate import generate_cached
+
+from . import codec_graphs, decoder_step, transformer_encoder, vae_encoder
+from .bundle import Models, load_models
+from .manifest import ExportError, read_manifest
+
+CODEC_LENGTHS = (7, 8, 75, 300, 301)
+REAL_LENGTHS = (8, 300)  # real embeddings are 300 frames long; two lengths keep the torch side quick
+
+
+@dataclass(frozen=True)
+class Row:
+    """One comparison: graph, what was fed, largest |onnx - torch|, largest |torch| (scale), the tolerance
+    (None: reported only)."""
+    graph: str
+    case: str
+    max_abs_error: float
+    scale: float
+    tolerance: float | None
+
+    @property
+    def ok(self) -> bool:
+        return self.tolerance is None or self.max_abs_error <= self.tolerance
+
+
+@dataclass
+class CheckReport:
+    rows: list[Row] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.rows)
+
+    def worst(self, graph: str) -> float:
+        """Largest error over every checked case of `graph`."""
+        return max(r.max_abs_error for r in self.rows if r.graph == graph)
+
+    def table(self) -> str:
+        lines = ["| graph | case | max abs error | max abs value | tolerance | |", "|---|---|---:|---:|---:|---|"]
+        lines += [f"| {r.graph} | {r.case} | {r.max_abs_error:.2e} | {r.scale:.3g} | "
+                  f"{'-' if r.tolerance is None else f'{r.tolerance:.0e}'} | {'ok' if r.ok else 'FAIL'} |"
+                  for r in self.rows]
+        return "\n".join(lines)
+
+
+def _err(onnx_out: np.ndarray, ref: torch.Tensor | np.ndarray) -> tuple[float, float]:
+    ref = ref.detach().numpy() if isinstance(ref, torch.Tensor) else np.asarray(ref)
+    if onnx_out.shape != ref.shape:
+        raise ExportError(f"onnx output shape {onnx_out.shape} != torch {ref.shape}")
+    return float(np.max(np.abs(onnx_out.astype(np.float64) - ref))), float(np.max(np.abs(ref)))
+
+
+def open_sessions(root: Path, manifest: dict, threads: int = 1) -> dict[str, ort.InferenceSession]:
+    """One CPU session per graph entry of the manifest (variants included), keyed like the manifest."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    return {key: ort.InferenceSession(str(Path(root) / g["file"]), so, providers=["CPUExecutionProvider"])
+            for key, g in manifest["graphs"].items()}
+
+
+def reference_models(root: Path, manifest: dict, codec: Path | None = None, vae: Path | None = None,
+                     transformer: Path | None = None) -> Models:
+    """The torch models a bundle came from: the checkpoints recorded in its manifest unless given; ExportError
+    when the codec's weights are not those in the bundle."""
+    src = manifest.get("sources", {})
+    given = {"codec": codec, "vae": vae, "transformer": transformer}
+    found = {k: Path(p) if p else (Path(src[k]["path"]) if (src.get(k) or {}).get("path") else None)
+             for k, p in given.items()}
+    missing = [k for k in ("vae", "transformer") if found[k] is None or not found[k].is_file()]
+    if missing:
+        raise ExportError(f"the {' and '.join(missing)} checkpoints this bundle came from are gone "
+                          f"({', '.join(str(found[k]) for k in missing)}): pass them with --vae / --transformer")
+    if found["codec"] is not None and not found["codec"].is_file():
+        raise ExportError(f"the codec checkpoint this bundle came from is gone ({found['codec']}): pass --codec")
+    models = load_models(found["codec"], found["vae"], found["transformer"])
+    if codec_id(models.codec)["weights_sha256"] != manifest["codec"]["weights"]:
+        raise ExportError(f"codec {models.sources['codec'].get('path')} is not the codec in bundle {root}")
+    return models
+
+
+def real_embeddings(models: Models, n: int = 2) -> tuple[torch.Tensor, str]:
+    """(n, dim, frames) embeddings of real notes from the VAE's latent cache, or, when it is gone, notes the torch
+    Transformer generates at the map's instruments -> (embeddings, where they came from)."""
+    for split in ("test", "valid", "train"):
+        try:
+            lat = load_latents(Path(models.vae_extra.get("latents", "")), split)
+        except (LatentCacheError, OSError):
+            continue
+        if len(lat):
+            return torch.from_numpy(np.asarray(lat.emb[:n], dtype=np.float32)), f"latent cache {split}"
+    z, midi = real_conditions(models, n)
+    return generate_cached(models.transformer, z, midi), "generated notes"
+
+
+def real_conditions(models: Models, n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n training instruments' map points (or points on the unit circle) and pitches across the range:
+    z (n, 2), MIDI (n,)."""
+    insts = models.vae_extra.get("map", {}).get("instruments", [])
+    pts = [(i["x"], i["y"]) for i in insts if np.isfinite(i["x"])][:n]
+    pts += [(np.cos(k), np.sin(k)) for k in range(n - len(pts))]
+    cfg = models.transformer.config
+    midi = cfg.pitch_min + torch.linspace(0, cfg.n_pitches - 1, n).round().long()
+    return torch.tensor(pts, dtype=torch.float32), midi
+
+
+def _run(s: ort.InferenceSession, **feeds: torch.Tensor | np.ndarray) -> list[np.ndarray]:
+    return s.run(None, {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in feeds.items()})
+
+
+def check_vae_encoder(s: ort.InferenceSession, m: Models, real: torch.Tensor, tol: float) -> list[Row]:
+    rows = []
+    g = torch.Generator().manual_seed(1)
+    rand = torch.randn(3, *real.shape[1:], generator=g) * m.vae.emb_std + m.vae.emb_mean
+    for case, emb in (("random B=3", rand), (f"real B={len(real)}", real)):
+        outs, refs = _run(s, emb=emb), vae_encoder.torch_reference(m.vae, emb)
+        rows.append(Row("vae_encoder", case, *max(map(_err, outs, refs)), tol))
+    return rows
+
+
+def check_transformer_encoder(s: ort.InferenceSession, m: Models, tol: float) -> list[Row]:
+    z, midi = real_conditions(m)
+    cases = [("random B=3", *transformer_encoder.example_conditions(m.transformer, 3, seed=1)),
+             ("map instruments", z, midi - m.transformer.config.pitch_min)]
+    rows = []
+    for case, zz, pidx in cases:
+        outs, refs = _run(s, z=zz, pitch_index=pidx), transformer_encoder.torch_reference(m.transformer, zz, pidx)
+        rows.append(Row("transformer_encoder", case, *max(map(_err, outs, refs)), tol))
+    return rows
+
+
+def check_decoder_step(s: ort.InferenceSession, m: Models, static: bool, tol: float) -> list[Row]:
+    """Random inputs at several positions and batch sizes; one step of a real note (position 8)."""
+    name, rows = decoder_step.STATIC if static else decoder_step.DYNAMIC, []
+    frames = m.transformer.config.frames
+    for pos in (0, 1, frames // 2, frames - 1):
+        for batch in (1, 3):
+            args = decoder_step.example_step_inputs(m.transformer, batch, pos, static, seed=pos + batch)
+            outs = _run(s, **dict(zip(decoder_step.INPUTS, args)))
+            refs = decoder_step.torch_reference(m.transformer, *args, static=static)
+            rows.append(Row(name, f"random B={batch} position {pos}", *max(map(_err, outs, refs)), tol))
+    return rows + [_real_step(s, m, static, tol)]
+
+
+def _real_step(s: ort.InferenceSession, m: Models, static: bool, tol: float, at: int = 8) -> Row:
+    """Step `at` of real notes (map instruments), its inputs made by `at` torch steps from <BOS>."""
+    cfg = m.transformer.config
+    z, midi = real_conditions(m)
+    _, cross = transformer_encoder.torch_reference(m.transformer, z, midi - cfg.pitch_min)
+    kv = torch.zeros(*cross.shape[:4], cfg.frames if static else 0, cross.shape[-1])
+    frame = torch.zeros(len(z), cfg.dim)
+    for t in range(at):
+        frame, kv = decoder_step.torch_reference(m.transformer, frame, torch.tensor([t] if static else t), cross, kv,
+                                                 static=static)
+    args = (frame, torch.tensor([at] if static else at), cross, kv)
+    ref = decoder_step.torch_reference(m.transformer, *args, static=static)
+    outs = _run(s, **dict(zip(decoder_step.INPUTS, args)))
+    name = decoder_step.STATIC if static else decoder_step.DYNAMIC
+    return Row(name, f"real note B={len(z)} position {at}", *max(map(_err, outs, ref)), tol)
+
+
+def check_variants(sessions: dict, m: Models) -> list[Row]:
+    """One call of every quantised graph vs torch on random inputs (reported, no tolerance)."""
+    rows = []
+    for key, s in sessions.items():
+        graph = key.split(".")[0]
+        if "." not in key:
+            continue
+        if graph == transformer_encoder.NAME:
+            args = transformer_encoder.example_conditions(m.transformer, 3, seed=2)
+            outs, refs = _run(s, z=args[0], pitch_index=args[1]), transformer_encoder.torch_reference(m.transformer,
+                                                                                                      *args)
+        else:
+            static = graph == decoder_step.STATIC
+            args = decoder_step.example_step_inputs(m.transformer, 3, 150, static, seed=2)
+            outs = _run(s, **dict(zip(decoder_step.INPUTS, args)))
+            refs = decoder_step.torch_reference(m.transformer, *args, static=static)
+        rows.append(Row(key, "random B=3 vs torch", *max(map(_err, outs, refs)), None))
+    return rows
+
+
+def check_codec(sessions: dict, m: Models, real: torch.Tensor, tol: float) -> list[Row]:
+    """codec_decoder / codec_encoder at every length of CODEC_LENGTHS (random and real), and the stream."""
+    codec, rows = m.codec, []
+    lengths = sorted({max(t, codec_graphs.min_first_frames(codec)) for t in CODEC_LENGTHS})
+    with torch.no_grad():
+        real_audio = codec.decode(real)
+    for t in lengths:
+        cases = [("random", codec_graphs.example_frames(codec, 2, t, seed=t))]
+        cases += [("real", real[:, :, :t])] if t in REAL_LENGTHS else []
+        for case, emb in cases:
+            with torch.no_grad():
+                ref = codec.decode(emb)
+            rows.append(Row("codec_decoder", f"{case} T={t}", *_err(_run(sessions["codec_decoder"], emb=emb)[0], ref),
+                            tol))
+        if "codec_encoder" in sessions:
+            audios = [("random", codec_graphs.example_audio(codec, 2, t * codec.hop - 7, seed=t))]
+            audios += [("real", real_audio[:, :t * codec.hop])] if t in REAL_LENGTHS else []
+            for case, audio in audios:
+                with torch.no_grad():
+                    ref = codec.encode(audio)
+                rows.append(Row("codec_encoder", f"{case} {audio.shape[1]} samples",
+                                *_err(_run(sessions["codec_encoder"], audio=audio)[0], ref), tol))
+    if "codec_decoder_stream" in sessions:
+        rows += check_stream(sessions, m, real, tol)
+    return rows
+
+
+def stream_chunks(codec, total: int) -> list[int]:
+    """Uneven chunk sizes summing to `total`: the codec's minimum first chunk, then 1, 3, 8, 2, 16, ... frames."""
+    sizes, left = [codec_graphs.min_first_frames(codec)], total - codec_graphs.min_first_frames(codec)
+    pattern = (1, 3, 8, 2, 16)
+    while left > 0:
+        sizes.append(min(pattern[len(sizes) % len(pattern)], left))
+        left -= sizes[-1]
+    return sizes
+
+
+def onnx_decode_stream(s: ort.InferenceSession, manifest_state: list[dict], frames: np.ndarray,
+                       chunks: list[int]) -> np.ndarray:
+    """Streamed decode through codec_decoder_stream: frames (B, dim, T) in chunks -> audio (B, T * hop)."""
+    state = {f"in_{st['name']}": np.zeros((frames.shape[0], *st["shape"][1:]), np.float32) for st in manifest_state}
+    names = [o.name for o in s.get_outputs()]
+    out, pos = [], 0
+    for n in chunks:
+        result = dict(zip(names, s.run(None, {"frames": frames[:, :, pos:pos + n], **state})))
+        state = {k: result["out_" + k[3:]] for k in state}
+        out.append(result["audio"])
+        pos += n
+    return np.concatenate(out, axis=1)
+
+
+def check_stream(sessions: dict, m: Models, real: torch.Tensor, tol: float) -> list[Row]:
+    codec, rows = m.codec, []
+    spec = codec_graphs.stream_manifest(codec)["state"]
+    lat = codec.stream_latency
+    for case, emb in (("random", codec_graphs.example_frames(codec, 2, 75, seed=3)), ("real", real[:, :, :75])):
+        chunks = stream_chunks(codec, emb.shape[2])
+        streamed = onnx_decode_stream(sessions["codec_decoder_stream"], spec, emb.numpy(), chunks)
+        rows.append(Row("codec_decoder_stream", f"{case} vs torch stream, chunks {chunks[:5]}...",
+                        *_err(streamed, codec_graphs.torch_decode_stream(codec, emb, chunks)), tol))
+        full = _run(sessions["codec_decoder"], emb=emb)[0]
+        rows.append(Row("codec_decoder_stream", f"{case} vs whole decode (latency {lat} samples)",
+                        *_err(streamed[:, lat:], full[:, :full.shape[1] - lat]), tol))
+    return rows
+
+
+def onnx_generate(sessions: dict, z: np.ndarray, pitch_index: np.ndarray, frames: int, static: bool = False,
+                  step: str | None = None) -> np.ndarray:
+    """A whole note through the graphs alone: z (B, 2), pitch_index (B,) -> frames (B, dim, frames).
+
+    `step` names the step graph's manifest key (default decoder_step or decoder_step_static)."""
+    _, cross = sessions["transformer_encoder"].run(None, {"z": z, "pitch_index": pitch_index})
+    sess = sessions[step or (decoder_step.STATIC if static else decoder_step.DYNAMIC)]
+    layers, _, batch, heads, _, hd = cross.shape
+    kv = np.zeros((layers, 2, batch, heads, frames if static else 0, hd), np.float32)
+    frame = np.zeros((batch, sess.get_inputs()[0].shape[1]), np.float32)  # <BOS>
+    out = []
+    for t in range(frames):
+        position = np.array([t] if static else t, np.int64)
+        frame, kv = sess.run(None, {"frame": frame, "position": position, "cross_kv": cross, "in_self_kv": kv})
+        out.append(frame)
+    return np.stack(out, axis=2)
+
+
+def check_notes(sessions: dict, m: Models, note_tol: float, tol: float) -> list[Row]:
+    """Whole notes (map instruments): ONNX vs the torch reference render; static vs dynamic step; audio."""
+    z, midi = real_conditions(m)
+    pidx = (midi - m.transformer.config.pitch_min).numpy()
+    n = m.transformer.config.frames
+    ref = generate_cached(m.transformer, z, midi)  # the reference render's frames (B, dim, frames)
+    frames = onnx_generate(sessions, z.numpy(), pidx, n)
+    rows = [Row("note", f"{n} frames B={len(z)}: onnx vs torch render (embeddings)", *_err(frames, ref), note_tol)]
+    if decoder_step.STATIC in sessions:
+        static = onnx_generate(sessions, z.numpy(), pidx, n, static=True)
+        rows.append(Row("note", "decoder_step_static vs decoder_step (embeddings)", *_err(static, frames), tol))
+    with torch.no_grad():
+        audio_ref = m.codec.decode(ref)
+    audio = sessions["codec_decoder"].run(None, {"emb": frames})[0]
+    rows.append(Row("note", "audio: onnx frames + codec_decoder vs torch render", *_err(audio, audio_ref), None))
+    for key in sessions:
+        if "." in key and key.split(".")[0] in (decoder_step.DYNAMIC, decoder_step.STATIC):
+            var = onnx_generate(sessions, z.numpy(), pidx, n, static=key.startswith(decoder_step.STATIC), step=key)
+            rows.append(Row("note", f"variant {key} vs torch render (embeddings)", *_err(var, ref), None))
+    return rows
+
+
+def check_bundle(root: Path, codec: Path | None = None, vae: Path | None = None, transformer: Path | None = None,
+                 tolerance: float = 1e-4, note_tolerance: float = 1e-3,
+                 log: Callable[[str], None] = lambda _: None) -> CheckReport:
+    """Compare every graph of the bundle at `root` with torch; see the module docstring. Returns the report
+    (`report.ok` says whether every row is within its tolerance)."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    m = reference_models(root, manifest, codec, vae, transformer)
+    sessions = open_sessions(root, manifest)
+    real, where = real_embeddings(m)
+    log(f"real inputs: {where}")
+    report = CheckReport()
+    steps = [lambda: check_transformer_encoder(sessions["transformer_encoder"], m, tolerance),
+             lambda: check_decoder_step(sessions["decoder_step"], m, False, tolerance),
+             lambda: check_codec(sessions, m, real, tolerance),
+             lambda: check_notes(sessions, m, note_tolerance, tolerance)]
+    if "decoder_step_static" in sessions:
+        steps.insert(2, lambda: check_decoder_step(sessions["decoder_step_static"], m, True, tolerance))
+    if any("." in key for key in sessions):
+        steps.append(lambda: check_variants(sessions, m))
+    if "vae_encoder" in sessions:
+        steps.insert(0, lambda: check_vae_encoder(sessions["vae_encoder"], m, real, tolerance))
+    for run in steps:
+        rows = run()
+        report.rows += rows
+        for r in rows:
+            log(f"{r.graph:22s} {r.case:60s} {r.max_abs_error:.2e} {'ok' if r.ok else 'FAIL'}")
+    return report
