@@ -5,6 +5,8 @@ exporter (sherpa-onnx habit): shapes, sample rate, frame rate, pitch range, map 
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import json
 import logging
@@ -173,19 +175,45 @@ def _verify_file(root: Path, name: str, entry: dict) -> None:
                           "re-export the bundle")
 
 
-def resolve_providers(requested: str | list[str] | None = None) -> list[str]:
-    """Execution providers to try, in order: CUDA then CPU by default, or `requested` ('cpu', 'cuda', 'cuda,cpu').
+@functools.lru_cache(maxsize=1)
+def cuda_unusable_reason() -> str | None:
+    """Why the CUDA provider cannot run here (None when it can load).
 
-    Raises BundleError for a provider this onnxruntime build does not have.
+    onnxruntime-gpu lists CUDAExecutionProvider even on machines without CUDA libraries; a session asked for it
+    then logs an error and falls back to CPU. We load the provider library ourselves first (as onnxruntime would)
+    so that "auto" only asks for CUDA when its libraries are really there, and say why not otherwise.
+    """
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "this onnxruntime build has no CUDA provider (install onnxruntime-gpu)"
+    capi = Path(ort.__file__).parent / "capi"
+    shared, cuda = capi / "libonnxruntime_providers_shared.so", capi / "libonnxruntime_providers_cuda.so"
+    if not cuda.is_file():  # not a Linux wheel layout: let onnxruntime decide
+        return None
+    try:
+        ctypes.CDLL(str(shared), mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(str(cuda))
+    except OSError as e:
+        return f"CUDA libraries missing ({e})"
+    return None
+
+
+def resolve_providers(requested: str | list[str] | None = None) -> list[str]:
+    """Execution providers to try, in order: CUDA (when it can really load) then CPU by default, or `requested`
+    ('cpu', 'cuda', 'cuda,cpu').
+
+    Raises BundleError for a provider this onnxruntime build does not have or cannot load.
     """
     available = ort.get_available_providers()
     if requested is None or requested == "auto":
-        return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        cuda = ["CUDAExecutionProvider"] if cuda_unusable_reason() is None else []
+        return cuda + ["CPUExecutionProvider"]
     names = requested.split(",") if isinstance(requested, str) else list(requested)
     out = [PROVIDER_ALIASES.get(n.strip().lower(), n.strip()) for n in names if n.strip()]
     for p in out:
         if p not in available:
             raise BundleError(f"onnxruntime here has no {p} (available: {', '.join(available)})")
+        if p == "CUDAExecutionProvider" and cuda_unusable_reason() is not None:
+            raise BundleError(f"the CUDA provider cannot run here: {cuda_unusable_reason()}; use --provider cpu")
     return out
 
 

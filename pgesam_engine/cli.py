@@ -20,7 +20,7 @@ import numpy as np
 
 from . import __version__
 from .audio import AudioError, list_devices, open_backend
-from .bundle import Bundle, BundleError, default_bundle_path, resolve_providers
+from .bundle import Bundle, BundleError, cuda_unusable_reason, default_bundle_path, resolve_providers
 from .engine import Engine, EngineConfig, EngineError
 from .synth import STEP_MODES, Synth, SynthError
 
@@ -212,6 +212,7 @@ def info(bundle_path: Path | None, provider: str, threads: int | None, step: str
     import onnxruntime as ort
     click.echo(f"pgesam {__version__}, onnxruntime {ort.__version__}")
     click.echo(f"available providers: {', '.join(ort.get_available_providers())}")
+    click.echo(f"CUDA: {cuda_unusable_reason() or 'usable'}")
     click.echo(f"requested: {', '.join(resolve_providers(provider))}")
     click.echo("audio devices:\n" + list_devices())
     synth = load_synth(bundle_path, provider, threads, step, cuda_graph, variant)

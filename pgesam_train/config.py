@@ -230,7 +230,8 @@ class VAELossConfig:
     betas are Table 1's (code: other final values).
     """
     beta_rec: float = 0.2
-    beta_kl: float = 0.0039  # Eq. 3 sums over the minibatch: 0.0039 x 256 ~ 1 per-sample weight
+    beta_kl: float = 0.0039
+    kl_reduction: str = "mean"  # "mean" over the batch (authors' code) or "sum" (Eq. 3 as printed; collapses here)
     beta_reg: float = 1.0
     beta_nei: float = 0.6
     beta_pitch: float = 0.07

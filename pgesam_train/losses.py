@@ -19,13 +19,20 @@ def reconstruction_loss(recon: Tensor, target: Tensor) -> Tensor:
     return F.mse_loss(recon, target)
 
 
-def kl_loss(mu: Tensor, logvar: Tensor) -> Tensor:
-    """Eq. 3: 1/2 sum_i (mu^2 + sigma^2 - log sigma^2 - 1), summed over the batch and the latent axes.
+def kl_loss(mu: Tensor, logvar: Tensor, reduction: str = "mean") -> Tensor:
+    """Eq. 3: 1/2 sum_i (mu^2 + sigma^2 - log sigma^2 - 1) over the latent axes, then over the batch.
 
-    Args: mu, logvar (B, latent_dim). The paper sums (no 1/N); beta_kl = 0.0039 ~ 1/256 makes it a per-sample
-    mean at batch 256. The authors' code divides by B.
+    Args: mu, logvar (B, latent_dim); reduction "mean" (divide by B, as the authors' code does) or "sum" (Eq. 3
+    as printed, no 1/N). With "sum", beta_kl = 0.0039 ~ 1/256 weighs each sample's KL about 1 at batch 256, and
+    on our data that collapsed every mu onto the origin within a few epochs (posterior collapse: the family and
+    instrument losses stayed at chance), so "mean" is the default; see VAELossConfig.kl_reduction.
     """
-    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0).sum()
+    per_sample = 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0).sum(dim=1)  # (B,)
+    if reduction == "sum":
+        return per_sample.sum()
+    if reduction == "mean":
+        return per_sample.mean()
+    raise ValueError(f"kl reduction must be 'mean' or 'sum', not {reduction!r}")
 
 
 def regularization_loss(mu: Tensor) -> Tensor:
@@ -97,7 +104,8 @@ def loss_terms(out: dict[str, Tensor], emb_norm: Tensor, recon_norm: Tensor, pit
         fam: (B,) family 0..10.
         with_inst: False for notes of instruments the classifier has no class for (valid / test splits).
     """
-    terms = {"rec": reconstruction_loss(recon_norm, emb_norm), "kl": kl_loss(out["mu"], out["logvar"]),
+    terms = {"rec": reconstruction_loss(recon_norm, emb_norm),
+             "kl": kl_loss(out["mu"], out["logvar"], cfg.kl_reduction),
              "reg": regularization_loss(out["mu"]), "nei": neighbour_loss(out["mu"], inst, cfg.margin, cfg.eps),
              "pitch": classification_loss(out["pitch_logits"], pitch),
              "fam": classification_loss(out["fam_logits"], fam)}

@@ -103,6 +103,18 @@ def test_provider_requests() -> None:
         resolve_providers("NopeExecutionProvider")
 
 
+def test_cuda_is_asked_for_only_when_its_libraries_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pgesam_engine import bundle as bundle_module
+    reason = bundle_module.cuda_unusable_reason()
+    assert ("CUDAExecutionProvider" in resolve_providers(None)) == (reason is None)
+    monkeypatch.setattr(bundle_module, "cuda_unusable_reason", lambda: "CUDA libraries missing (libcublasLt)")
+    monkeypatch.setattr(bundle_module.ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert resolve_providers(None) == ["CPUExecutionProvider"]
+    with pytest.raises(BundleError, match="cannot run here: CUDA libraries missing"):
+        resolve_providers("cuda")
+
+
 def test_default_bundle_error_tells_what_to_do(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(bundle_mod, "DEFAULT_BUNDLE", tmp_path / "none")
     with pytest.raises(BundleError, match="pass --bundle PATH or run `pgesam-train export`"):

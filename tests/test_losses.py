@@ -15,12 +15,16 @@ def test_reconstruction_is_elementwise_mse():
     assert reconstruction_loss(torch.zeros_like(target), target).item() == pytest.approx((1 + 4 + 9 + 16) / 4)
 
 
-def test_kl_sums_over_batch_and_axes():
+def test_kl_sums_over_axes_and_reduces_over_the_batch():
     mu = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
     logvar = torch.tensor([[0.0, 0.0], [math.log(2.0), 0.0]])
-    # sample 0: (1 + 1 - 0 - 1) + 0 = 1; sample 1: (0 + 2 - ln 2 - 1) + 0 = 1 - ln 2; half the sum
-    assert kl_loss(mu, logvar).item() == pytest.approx(0.5 * (2 - math.log(2.0)))
+    # sample 0: (1 + 1 - 0 - 1) + 0 = 1; sample 1: (0 + 2 - ln 2 - 1) + 0 = 1 - ln 2; half of each
+    assert kl_loss(mu, logvar, "sum").item() == pytest.approx(0.5 * (2 - math.log(2.0)))
+    assert kl_loss(mu, logvar, "mean").item() == pytest.approx(0.25 * (2 - math.log(2.0)))
+    assert kl_loss(mu, logvar).item() == kl_loss(mu, logvar, "mean").item()
     assert kl_loss(torch.zeros(5, 2), torch.zeros(5, 2)).item() == 0.0
+    with pytest.raises(ValueError, match="'mean' or 'sum'"):
+        kl_loss(mu, logvar, "max")
 
 
 def test_regularization_penalises_only_outside_unit_circle():
