@@ -10,7 +10,6 @@ written file for manifest.json: SHA-256, size and the symbolic shapes of its inp
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -22,6 +21,7 @@ import onnx
 import torch
 from torch import Tensor, nn
 
+from pgesam_engine.hashing import sha256_of
 from pgesam_train.codec import Codec, codec_id
 from pgesam_train.data.latents import LatentCacheError, load_latents, read_meta
 
@@ -98,13 +98,6 @@ def metadata_facts(manifest: dict) -> dict[str, str]:
     facts["created_by"] = str(manifest["created_by"])
     return facts
 
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _shape(value: onnx.ValueInfoProto) -> list[int | str]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -17,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+
+from .hashing import sha256_of
 
 log = logging.getLogger("pgesam.bundle")
 
@@ -134,13 +135,6 @@ def parse_manifest(raw: dict, where: str = "manifest.json") -> Manifest:
         map=TimbreMap(tuple(map(float, bounds["x"])), tuple(map(float, bounds["y"])), float(mp.get("radius", 1.0)),
                       tuple(mp.get("instruments", []))))
 
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_manifest(root: Path) -> Manifest:

@@ -5,12 +5,13 @@ A checkpoint is a dict: {"format", "kind", "config" (dataclasses.asdict), "model
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from pgesam_engine.hashing import sha256_of as file_sha256  # noqa: F401  (re-exported: checkpoint identity)
 
 FORMAT = 1
 
@@ -47,10 +48,3 @@ def load_checkpoint(path: Path, kind: str) -> dict:
         raise CheckpointError(f"{path}: checkpoint format {state.get('format')}, this version reads {FORMAT}")
     return state
 
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

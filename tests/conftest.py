@@ -32,9 +32,7 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def one_torch_thread() -> None:
-    """One intra-op torch thread for a test module: timing-free tests run steadier on a shared 2-core machine."""
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    """One intra-op torch thread for a test module (use: pytestmark = pytest.mark.usefixtures(...))."""
+    from torch_threads import one_thread
+    with one_thread():
+        yield

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_export import TinyChain, note_audio, one_thread, tiny_export  # noqa: F401 (pytest fixture)
+from test_export import TinyChain, note_audio, tiny_export  # noqa: F401 (pytest fixture)
 
 from pgesam_engine.bundle import Bundle
 from pgesam_engine.synth import Synth
@@ -22,10 +22,7 @@ POINTS = np.array([[0.6, -0.1], [-0.3, 0.5], [0.0, 0.0]], np.float32)
 PITCHES = np.array([48, 60, 72])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ ONNX export parity at several lengths, and streaming decode == full decode, in t
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 import urllib.error
 import warnings
 from pathlib import Path
@@ -24,13 +23,7 @@ LENGTHS = (7, 8, 75, 300, 301)  # frames
 TINY = CodecConfig(backend="encodec", encodec_n_filters=4, encodec_lstm_layers=2, encodec_pretrained=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Many tiny ops: one intra-op thread is faster, and steady when other jobs share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

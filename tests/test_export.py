@@ -7,12 +7,10 @@ writes the bundle. `tiny_export` does this once per test session (test_bundle_in
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from pgesam_engine.bundle import Bundle, BundleError
 from pgesam_train.codec import build_codec, codec_id, codec_preset, save_codec
 from pgesam_train.config import transformer_preset, vae_preset
 from pgesam_train.data.latents import LatentWriter
+from torch_threads import one_thread
 
 GRAPHS = {"transformer_encoder", "decoder_step", "decoder_step_static", "codec_decoder", "codec_decoder_stream",
           "codec_encoder", "vae_encoder"}
@@ -38,17 +37,9 @@ INSTRUMENTS = [("keyboard_acoustic_000", 4, "keyboard", (1.0, 0.5, 0.25, 0.1)),
                ("organ_electronic_000", 6, "organ", (1.0, 0.0, 0.8, 0.0)),
                ("flute_acoustic_000", 2, "flute", (1.0, 0.1, 0.02, 0.0))]
 PITCHES = (48, 55, 60, 67)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Torch on one thread meanwhile: two OpenMP threads stall badly on a shared 2-core machine (field notes)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)
@@ -119,12 +110,6 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> TinyChain:
     root.mkdir(exist_ok=True)
     with one_thread():
         return build_tiny_chain(root)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="session")
