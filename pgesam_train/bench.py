@@ -15,7 +15,6 @@ batch-25 run to a minute instead of many.
 """
 from __future__ import annotations
 
-import json
 import platform
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from .generate import generate_cached, generate_uncached
+from .reports import write_json_markdown
 from .transformer import TimbreTransformer
 
 
@@ -204,8 +204,4 @@ def markdown(report: dict) -> str:
 
 def write_report(report: dict, out: Path) -> tuple[Path, Path]:
     """Write bench.json and bench.md into folder `out`."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(report, indent=1))
-    (out / "bench.md").write_text(markdown(report) + "\n")
-    return out / "bench.json", out / "bench.md"
+    return write_json_markdown(out, "bench", report, markdown(report))

@@ -12,7 +12,6 @@ Metrics per codec (mean over notes, whole 4 s notes at 24 kHz):
 """
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from .codecs.modules import mel_filterbank
 from .config import CodecConfig
 from .data.nsynth import Note, load_audio, load_split
 from .pitch import PitchEstimate, estimate_pitch
+from .reports import write_json_markdown
 from .train_codec import DATASET_SR, SpectralLoss
 
 METRICS = ("mel_l1", "mrstft", "si_sdr", "pitch_ok")
@@ -139,9 +139,7 @@ def write_report(results: dict, examples: dict[str, list[np.ndarray]], notes: li
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=float))
-    (out_dir / "results.md").write_text(markdown_table(results))
+    write_json_markdown(out_dir, "results", results, markdown_table(results))
     for i, note in enumerate(notes):
         fig, axes = plt.subplots(len(examples), 1, figsize=(8, 2.2 * len(examples)), sharex=True, squeeze=False)
         for ax, (name, audio) in zip(axes[:, 0], examples.items()):

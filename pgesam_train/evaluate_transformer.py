@@ -22,6 +22,7 @@ from .codec import Codec
 from .data.latents import Latents, load_latents
 from .generate import generate_cached
 from .pitch import estimate_pitch
+from .reports import write_json_markdown
 from .train_transformer import vae_posterior
 from .transformer import TimbreTransformer
 from .vae import VAE
@@ -184,9 +185,4 @@ def report_markdown(m: dict) -> str:
 
 def write_report(out_dir: Path, metrics: dict) -> tuple[Path, Path]:
     """transformer_eval.json and transformer_eval.md in out_dir."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    js, md = out_dir / "transformer_eval.json", out_dir / "transformer_eval.md"
-    js.write_text(json.dumps(metrics, indent=1))
-    md.write_text(report_markdown(metrics) + "\n")
-    return js, md
+    return write_json_markdown(out_dir, "transformer_eval", metrics, report_markdown(metrics))

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from pgesam_train.config import VAE_ABLATIONS, VAEConfig
 from pgesam_train.data.latents import Latents, load_latents
 from pgesam_train.plots import save_ablation_figure, save_timbre_map
+from pgesam_train.reports import write_json_markdown
 from pgesam_train.train_vae import latent_means, pitch_classes, timbre_map, train_vae
 from pgesam_train.vae import VAE, load_vae
 
@@ -147,12 +148,7 @@ def ablation_markdown(rows: dict[str, dict]) -> str:
 
 def write_report(out_dir: Path, name: str, data: dict, markdown: str) -> tuple[Path, Path]:
     """Write `<name>.json` (ours and the paper's numbers) and `<name>.md` into out_dir."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    js, md = out_dir / f"{name}.json", out_dir / f"{name}.md"
-    js.write_text(json.dumps({"ours": data, "paper": PAPER}, indent=1))
-    md.write_text(markdown)
-    return js, md
+    return write_json_markdown(out_dir, name, {"ours": data, "paper": PAPER}, markdown)
 
 
 def evaluate_checkpoint(checkpoint: Path, cache_dir: Path, out_dir: Path,
