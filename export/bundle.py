@@ -73,8 +73,8 @@ def resolve_codec(codec_ckpt: Path | None, identity: dict | None) -> tuple[Codec
     from pgesam_train.render import find_codec  # matplotlib comes with it: only when needed
     try:
         codec = find_codec(identity)
-    except ValueError as e:
-        raise ExportError(f"{e}; pass --codec PATH") from e
+    except ValueError as e:  # find_codec's message already says to pass --codec PATH
+        raise ExportError(str(e)) from e
     return codec.eval(), {"path": None, "sha256": None, "config": to_dict(codec.config)}
 
 
