@@ -17,22 +17,21 @@ from pathlib import Path
 
 import torch
 
-from pgesam_train import paths
 from pgesam_train.checkpoint import file_sha256
-from pgesam_train.codec import Codec, codec_id, load_codec
+from pgesam_train.codec import Codec, codec_id, find_codec_checkpoint, load_codec, same_encoder
 from pgesam_train.config import to_dict
-from pgesam_train.transformer import N_COND_TOKENS, TimbreTransformer, load_transformer
+from pgesam_train.transformer import TimbreTransformer, load_transformer
 from pgesam_train.vae import VAE, load_vae
 
-from . import codec_graphs, quantize
+from . import codec_graphs, quantize, storage
 from .decoder_step import decoder_step_spec, static_decoder_step_spec
 from .manifest import (FORMAT, MANIFEST, VERSION, ExportError, GraphSpec, codec_origin, created_by, data_section,
-                       export_graph, graph_entry, metadata_facts, timbre_map_section, write_manifest)
+                       export_graph, graph_entry, kv_cache_section, metadata_facts, timbre_map_section,
+                       write_manifest)
 from .transformer_encoder import transformer_encoder_spec
 from .vae_encoder import vae_encoder_spec
 
 log = logging.getLogger("pgesam.export")
-KV_LAYOUT = "[layers, 2 (key, value), batch, heads, length, head_dim]"
 
 
 @dataclass
@@ -49,19 +48,6 @@ class Models:
 
 def _source(path: Path) -> dict:
     return {"path": str(Path(path).resolve()), "sha256": file_sha256(Path(path))}
-
-
-def find_codec_checkpoint(identity: dict | None) -> Path | None:
-    """The codec checkpoint under $PGESAM_HOME/checkpoints/codec whose weights are `identity`'s, or None."""
-    if not identity or not identity.get("weights_sha256"):
-        return None
-    for path in sorted((paths.home() / "checkpoints" / "codec").glob("*/*.pt")):
-        try:
-            if codec_id(load_codec(path))["weights_sha256"] == identity["weights_sha256"]:
-                return path
-        except ValueError as e:  # another kind or format
-            log.debug("skipping %s: %s", path, e)
-    return None
 
 
 def resolve_codec(codec_ckpt: Path | None, identity: dict | None) -> tuple[Codec, dict]:
@@ -98,8 +84,8 @@ def check_compatible(m: Models, allow_mismatch: bool = False) -> None:
         raise ExportError(f"pitch ranges differ: VAE {vc.pitch_min}+{vc.n_pitches}, "
                           f"Transformer {tc.pitch_min}+{tc.n_pitches}")
     problems = []
-    trained_on = (m.transformer_extra.get("codec") or {}).get("weights_sha256")
-    if trained_on and trained_on != codec_id(m.codec)["weights_sha256"]:
+    trained_on = m.transformer_extra.get("codec")
+    if trained_on and not same_encoder(trained_on, codec_id(m.codec)):
         problems.append(f"the Transformer was trained on frames of codec "
                         f"{m.transformer_extra['codec'].get('name')}, not of {codec_id(m.codec)['name']}")
     vae_sha = m.transformer_extra.get("vae_sha256")
@@ -128,8 +114,7 @@ def build_manifest(m: Models) -> dict:
         "format": FORMAT, "version": VERSION,
         "sample_rate": codec.sample_rate, "frame_rate": codec.frame_rate, "hop": codec.hop, "frames": tc.frames,
         "dim": tc.dim, "pitch_min": tc.pitch_min, "pitch_max": tc.pitch_min + tc.n_pitches - 1,
-        "kv_cache": {"layers": tc.n_decoder_layers, "heads": tc.n_heads, "head_dim": tc.head_dim,
-                     "encoder_length": N_COND_TOKENS, "max_length": tc.frames, "layout": KV_LAYOUT},
+        "kv_cache": kv_cache_section(tc),
         "codec_stream": codec_graphs.stream_manifest(codec),
         "map": timbre_map_section(m.vae, m.vae_extra),
         "configs": {"codec": to_dict(codec.config), "vae": to_dict(m.vae.config), "transformer": to_dict(tc)},
@@ -140,25 +125,32 @@ def build_manifest(m: Models) -> dict:
     }
 
 
-def write_graphs(m: Models, root: Path, manifest: dict, static: bool = True) -> dict[str, dict]:
-    """Export every graph into `root` with the manifest's facts as metadata -> the manifest's `graphs`."""
+def write_graphs(m: Models, root: Path, manifest: dict, static: bool = True, weights: str = "fp32"
+                 ) -> dict[str, dict]:
+    """Export every graph into `root` with the manifest's facts as metadata -> the manifest's `graphs`
+    (`weights` "fp16": stored as float16, computed in float32, see `export.storage`)."""
     facts = metadata_facts(manifest)
     graphs = {}
     for spec in graph_specs(m, static):
         t0 = time.perf_counter()
         export_graph(spec, root / spec.file, facts)
+        if weights == "fp16":
+            storage.store_fp16(root / spec.file)
         graphs[spec.name] = graph_entry(root, spec.file)
         log.info("exported %s (%.1f MB) in %.1f s", spec.file, graphs[spec.name]["bytes"] / 1e6,
                  time.perf_counter() - t0)
     return graphs
 
 
-def export_models(m: Models, out_dir: Path, variants: Sequence[str] = (), static: bool = True) -> Path:
+def export_models(m: Models, out_dir: Path, variants: Sequence[str] = (), static: bool = True,
+                  weights: str = "fp32") -> Path:
     """Write the bundle of in-memory models into `out_dir` (a temporary folder, then renamed). Returns out_dir."""
     out_dir = Path(out_dir).resolve()
     unknown = [v for v in variants if v not in quantize.VARIANTS]
     if unknown:
         raise ExportError(f"unknown variant(s) {unknown}; choose from {', '.join(quantize.VARIANTS)}")
+    if weights not in storage.WEIGHTS:
+        raise ExportError(f"unknown weight storage {weights!r}; choose from {', '.join(storage.WEIGHTS)}")
     _check_target(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -166,7 +158,8 @@ def export_models(m: Models, out_dir: Path, variants: Sequence[str] = (), static
     try:
         with torch.no_grad():
             manifest = build_manifest(m)
-            manifest["graphs"] = write_graphs(m, tmp, manifest, static)
+            manifest["weights"] = weights
+            manifest["graphs"] = write_graphs(m, tmp, manifest, static, weights)
             for variant in variants:
                 manifest["graphs"].update(quantize.write_variant(tmp, manifest, variant))
         write_manifest(tmp, manifest)
@@ -177,7 +170,8 @@ def export_models(m: Models, out_dir: Path, variants: Sequence[str] = (), static
 
 
 def export_bundle(codec_ckpt: Path | None, vae_ckpt: Path, transformer_ckpt: Path, out_dir: Path,
-                  variants: Sequence[str] = (), allow_mismatch: bool = False, static: bool = True) -> Path:
+                  variants: Sequence[str] = (), allow_mismatch: bool = False, static: bool = True,
+                  weights: str = "fp32") -> Path:
     """Export three checkpoints into the bundle folder `out_dir` and return it.
 
     Args:
@@ -187,10 +181,11 @@ def export_bundle(codec_ckpt: Path | None, vae_ckpt: Path, transformer_ckpt: Pat
         variants: extra quantised graphs to add: "int8" (dynamic, for CPU) and/or "fp16" (for CUDA).
         allow_mismatch: export even when the Transformer was trained on another codec's frames or VAE's map.
         static: also export `decoder_step_static` (for CUDA graphs).
+        weights: "fp32", or "fp16" to store every graph's weights as float16 (half the size, float32 speed).
     """
     models = load_models(codec_ckpt, vae_ckpt, transformer_ckpt)
     check_compatible(models, allow_mismatch)
-    return export_models(models, out_dir, variants, static)
+    return export_models(models, out_dir, variants, static, weights)
 
 
 def _check_target(out_dir: Path) -> None:

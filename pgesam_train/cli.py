@@ -95,6 +95,44 @@ from .cli_export import export_command  # noqa: E402
 main.add_command(export_command)
 
 
+@main.command("pipeline")
+@click.option("--preset", type=click.Choice(["tiny", "small", "paper"]), default="small", show_default=True)
+@click.option("--stage", "stages", multiple=True, type=click.Choice(
+    ["dataset", "codec", "encode", "vae", "transformer", "export"]), help="Only these stages (repeatable; in order).")
+@click.option("--codec-steps", type=int, default=None, help="Override the codec preset's training steps.")
+@click.option("--vae-epochs", type=int, default=None, help="Override the VAE preset's epochs.")
+@click.option("--transformer-steps", type=int, default=None, help="Override the Transformer preset's steps.")
+@click.option("--threads", type=int, default=None, help="Torch intra-op threads.")
+def pipeline_command(preset: str, stages: tuple[str, ...], codec_steps: int | None, vae_epochs: int | None,
+                     transformer_steps: int | None, threads: int | None) -> None:
+    """Soundfonts -> dataset -> codec -> latents -> VAE -> Transformer -> bundle; resumable, timed per stage."""
+    import logging
+
+    from .pipeline import STAGES, PipelinePlan, run_pipeline
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    plan = PipelinePlan(preset, codec_steps, vae_epochs, transformer_steps, threads)
+    run_pipeline(plan, stages or STAGES, echo=click.echo)
+
+
+@main.command("report")
+@click.option("--preset", type=click.Choice(["small", "tiny", "paper"]), default="small", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("REPORT.md"), show_default=True)
+@click.option("--docs", type=click.Path(path_type=Path), default=Path("docs"), show_default=True,
+              help="folder for figures/ and audio/ (links in the report are relative to it)")
+@click.option("--notes", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Markdown appended as 'Where we fall short of the paper, and why'")
+@click.option("--no-examples", is_flag=True, help="skip rendering the example WAVs and spectrograms")
+def report_command(preset: str, out: Path, docs: Path, notes: Path | None, no_examples: bool) -> None:
+    """Write REPORT.md (and docs/figures, docs/audio) from the evaluations' outputs under $PGESAM_HOME/runs."""
+    import logging
+
+    from .report import ReportInputs, write_report
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    path = write_report(out, docs, ReportInputs(preset=preset), examples=not no_examples,
+                        shortfalls=notes.read_text() if notes else "")
+    click.echo(f"report written to {path}")
+
+
 def run() -> None:
     """Entry point with one-line errors for the failures a user can act on."""
     try:

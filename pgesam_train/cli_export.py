@@ -73,10 +73,15 @@ def _summary(bundle: Path) -> None:
               help="Export even if the Transformer was trained on another codec's frames or VAE's map.")
 @click.option("--check", "check_dir", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="Check the bundle in DIR against its torch models (max abs error per graph, a whole note).")
+@click.option("--weights", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Weight storage: fp16 halves the bundle (float32 arithmetic, same speed; --check measures the "
+                   "rounding's cost).")
+@click.option("--static/--no-static", default=True, show_default=True,
+              help="Include decoder_step_static (static shapes, for CUDA graphs).")
 @click.option("--threads", type=int, default=None, help="Torch intra-op threads.")
 def export_command(preset: str, codec: Path | None, vae: Path | None, transformer: Path | None, out: Path | None,
-                   variants: tuple[str, ...], allow_mismatch: bool, check_dir: Path | None,
-                   threads: int | None) -> None:
+                   variants: tuple[str, ...], allow_mismatch: bool, check_dir: Path | None, weights: str,
+                   static: bool, threads: int | None) -> None:
     """Export codec, VAE and Transformer to an ONNX bundle for the realtime engine (or check one)."""
     from .training import set_threads
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -89,7 +94,8 @@ def export_command(preset: str, codec: Path | None, vae: Path | None, transforme
     from . import paths
     transformer, vae = _defaults(preset, transformer, vae)
     out = out or paths.home() / "bundles" / preset
-    bundle = export_bundle(codec, vae, transformer, out, variants=variants, allow_mismatch=allow_mismatch)
+    bundle = export_bundle(codec, vae, transformer, out, variants=variants, allow_mismatch=allow_mismatch,
+                           static=static, weights=weights)
     click.echo(f"bundle written to {bundle}:")
     _summary(bundle)
     if check_dir is not None:

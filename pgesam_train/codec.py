@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,12 @@ import soxr
 import torch
 from torch import Tensor
 
+from . import paths
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import CODEC_PRESET_TABLE, CodecConfig, from_dict, preset, to_dict
+from .data.latents import same_encoder
+
+log = logging.getLogger(__name__)
 
 KIND = "codec"
 
@@ -181,10 +186,58 @@ def weights_sha256(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+ENCODER_FIELDS = ("sample_rate", "hop", "dim", "n_fft", "n_mels", "encoder", "width", "kernel", "causal", "ffn_mult",
+                  "encodec_n_filters", "encodec_lstm_layers", "encodec_ratios")
+
+
+def encoder_kind(config: CodecConfig) -> str:
+    """"mel" for the fixed log-mel encoder (stft and griffinlim backends share it), else the backend (+ encoder)."""
+    if config.backend in ("stft", "griffinlim") and config.encoder == "mel":
+        return "mel"
+    return config.backend if config.backend != "stft" else f"stft-{config.encoder}"
+
+
+def encoder_sha256(codec: Codec) -> str:
+    """Hash of what the embeddings depend on: the encoder's parameters and buffers (fixed DFT and mel bases
+    included), and the config fields that shape the encoder. Training the decoder further leaves it unchanged."""
+    h = hashlib.sha256()
+    fields = {k: to_dict(codec.config)[k] for k in ENCODER_FIELDS}
+    h.update(json.dumps({"kind": encoder_kind(codec.config), **fields}, sort_keys=True).encode())
+    tensors = dict(codec.encoder.named_parameters())
+    tensors.update(codec.encoder.named_buffers())
+    for name, t in sorted(tensors.items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def codec_id(codec: Codec) -> dict:
-    """JSON identity of a codec for latent caches: {"name", "backend", "config", "weights_sha256"}, with JSON
-    types only (lists, not tuples), so it compares equal to itself after a round trip through meta.json."""
-    digest = weights_sha256(codec)
-    ident = {"name": f"{codec.config.backend}-{digest[:12]}", "backend": codec.config.backend,
-             "config": to_dict(codec.config), "weights_sha256": digest}
+    """JSON identity of a codec for latent caches: {"name", "backend", "config", "encoder_sha256",
+    "weights_sha256"}, with JSON types only (lists, not tuples), so it compares equal to itself after a round trip
+    through meta.json.
+
+    Latent caches are named and matched by `encoder_sha256` (the embeddings depend on the encoder only), so a
+    decoder trained further, or another decoder over the same fixed log-mel encoder (the Griffin-Lim floor),
+    reads the same cache. `weights_sha256` names the exact decoder for reports."""
+    enc, digest = encoder_sha256(codec), weights_sha256(codec)
+    ident = {"name": f"{encoder_kind(codec.config)}-{enc[:12]}", "backend": codec.config.backend,
+             "config": to_dict(codec.config), "encoder_sha256": enc, "weights_sha256": digest}
     return json.loads(json.dumps(ident))
+
+
+def find_codec_checkpoint(identity: dict | None) -> Path | None:
+    """The codec checkpoint under $PGESAM_HOME/checkpoints/codec whose encoder made `identity`'s latents (the
+    exact weights first, then the most recently trained decoder over the same encoder), or None."""
+    if not identity:
+        return None
+    found = []
+    for path in (paths.home() / "checkpoints" / "codec").glob("*/*.pt"):
+        try:
+            ident = codec_id(load_codec(path))
+        except ValueError as e:  # another kind or format
+            log.debug("skipping %s: %s", path, e)
+            continue
+        if same_encoder(ident, identity):
+            found.append((ident["weights_sha256"] == identity.get("weights_sha256"), path.stat().st_mtime, path))
+    return max(found)[2] if found else None

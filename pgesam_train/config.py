@@ -115,6 +115,11 @@ class CodecConfig:
     # phase of each STFT bin: "angle" = predicted per frame (Vocos; steady notes come out at multiples of 75 Hz);
     # "advance" = phase vocoder: running sum of the advance implied by the log-magnitude slope + learned corrections
     phase: str = "advance"
+    # used with the fixed log-mel encoder and the advance phase (`uses_mel_prior`): the log-magnitude is the mel filterbank's non-negative
+    # least-squares inverse of the embedding (what Griffin-Lim starts from) plus a learned correction that starts at
+    # zero, so an untrained decoder already sounds like a one-pass phase vocoder and training only refines it
+    mel_prior: bool = True
+    mel_prior_iters: int = 8  # multiplicative NNLS updates per frame (frame-local: streaming is unchanged)
     # griffinlim backend (the floor): same log-mel encoder as `stft`, phase found by iteration
     griffinlim_iters: int = 32
     # encodec backend: SEANet encoder/decoder of the `encodec` package, no quantizer
@@ -147,6 +152,10 @@ class CodecConfig:
     @property
     def frame_rate(self) -> float:
         return self.sample_rate / self.hop
+
+    @property
+    def uses_mel_prior(self) -> bool:
+        return self.mel_prior and self.encoder == "mel" and self.phase == "advance"
 
 
 CODEC_PRESET_TABLE: dict[str, CodecConfig] = {

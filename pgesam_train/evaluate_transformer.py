@@ -102,7 +102,9 @@ def audio_pitch(codec: Codec, emb: torch.Tensor, pitch: torch.Tensor, batch_size
     within = np.nan_to_num(c, nan=np.inf) <= 50.0
     return {"n": len(c), "within_50c": float(within.mean()) if len(c) else float("nan"),
             "median_abs_cents": float(np.nanmedian(c)) if np.isfinite(c).any() else float("nan"),
-            "voiced": float(np.mean(voiced)) if voiced else float("nan")}
+            "voiced": float(np.mean(voiced)) if voiced else float("nan"),
+            "per_note": {"pitch": [int(p) for p in pitch.tolist()],
+                         "cents": [None if not np.isfinite(x) else float(x) for x in cents]}}
 
 
 def centroids(mu: torch.Tensor, names: list[str]) -> tuple[list[str], torch.Tensor]:
@@ -128,8 +130,8 @@ def interpolated_points(points: torch.Tensor, n: int, pitch_min: int, n_pitches:
 def evaluate_transformer(model: TimbreTransformer, vae: VAE, cache_dir: Path, codec: Codec | None = None,
                          max_notes: int | None = 500, audio_notes: int = 100, interp_notes: int = 100,
                          batch_size: int = 64, seed: int = 0, echo: Callable[[str], None] = log.info) -> dict:
-    """Tables 3-4 on train and test; with a codec, torchcrepe on test notes (ground truth through the codec and
-    generated) and on interpolated points between training and between test instruments."""
+    """Tables 3-4 on train and test; with a codec, torchcrepe on train and test notes (ground truth through the
+    codec, and generated) and on interpolated points between training and between test instruments."""
     out: dict = {"generation": "free-running from <BOS>, KV cache, z = VAE mu of the ground-truth note",
                  "mae": "mean |generated - ground truth| over all dim x frames elements, averaged over notes"}
     lat = {split: load_latents(cache_dir, split) for split in ("train", "test")}
@@ -137,11 +139,11 @@ def evaluate_transformer(model: TimbreTransformer, vae: VAE, cache_dir: Path, co
         idx = pick(len(lat[split]), max_notes, seed)
         out[split], gen, pitch = split_metrics(model, vae, lat[split], idx, batch_size)
         echo(f"{split}: {json.dumps(out[split])}")
-        if codec is not None and split == "test":
+        if codec is not None:
             a = pick(len(idx), audio_notes, seed)
             gt = torch.from_numpy(np.asarray(lat[split].emb[idx[a]], dtype=np.float32))
-            out["audio"] = {"test_ground_truth": audio_pitch(codec, gt, pitch[a]),
-                            "test_generated": audio_pitch(codec, gen[a], pitch[a])}
+            out.setdefault("audio", {}).update({f"{split}_ground_truth": audio_pitch(codec, gt, pitch[a]),
+                                                f"{split}_generated": audio_pitch(codec, gen[a], pitch[a])})
     if codec is not None:
         cfg = model.config
         for split in ("train", "test"):
@@ -150,7 +152,8 @@ def evaluate_transformer(model: TimbreTransformer, vae: VAE, cache_dir: Path, co
             z, pitch = interpolated_points(points, interp_notes, cfg.pitch_min, cfg.n_pitches, seed)
             out["audio"][f"interpolated_{split}"] = audio_pitch(codec, generate_notes(model, z, pitch, batch_size),
                                                                 pitch)
-        echo(f"audio: {json.dumps(out['audio'])}")
+        echo("audio: " + json.dumps({k: {m: v for m, v in r.items() if m != "per_note"}
+                                     for k, r in out["audio"].items()}))
     return out
 
 

@@ -22,7 +22,7 @@ import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 
 from . import paths  # noqa: E402
-from .codec import Codec, build_codec, codec_id, load_codec  # noqa: E402
+from .codec import Codec, build_codec, codec_id, find_codec_checkpoint, load_codec, same_encoder  # noqa: E402
 from .config import CodecConfig, from_dict  # noqa: E402
 from .generate import generate  # noqa: E402
 from .transformer import TimbreTransformer  # noqa: E402
@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 
 def _matches(codec: Codec, identity: dict | None) -> bool:
-    return identity is None or codec_id(codec)["weights_sha256"] == identity.get("weights_sha256")
+    """Does `codec` decode the latents `identity` names (same encoder; the decoder may be trained further)?"""
+    return identity is None or same_encoder(codec_id(codec), identity)
 
 
 def find_codec(identity: dict | None, explicit: Path | None = None) -> Codec:
@@ -49,16 +50,14 @@ def find_codec(identity: dict | None, explicit: Path | None = None) -> Codec:
         return codec
     if identity is None:
         raise ValueError("the Transformer checkpoint does not say which codec made its latents: pass --codec PATH")
-    for path in sorted((paths.home() / "checkpoints" / "codec").glob("*/*.pt")):
-        try:
-            codec = load_codec(path)
-        except ValueError as e:  # another kind or format: skip it
-            log.debug("skipping %s: %s", path, e)
-            continue
-        if _matches(codec, identity):
-            return codec
+    path = find_codec_checkpoint(identity)
+    if path is not None:
+        return load_codec(path)
     codec = build_codec(from_dict(CodecConfig, identity["config"])).eval()
-    if _matches(codec, identity):  # a codec without trained weights (griffinlim, pretrained encodec)
+    if _matches(codec, identity):  # a codec without trained weights (griffinlim, pretrained encodec, a fresh stft)
+        if codec.config.backend == "stft":
+            log.warning("no trained decoder for codec %s under %s: decoding with an untrained one (its mel prior "
+                        "alone: a one-pass phase vocoder)", identity.get("name"), paths.home() / "checkpoints")
         return codec
     raise ValueError(f"no codec checkpoint matching {identity.get('name')} under "
                      f"{paths.home() / 'checkpoints' / 'codec'}: pass --codec PATH")

@@ -16,9 +16,10 @@ LENGTHS = (7, 8, 75, 300, 301)  # frames
 CHUNKS = (1, 3, 8)
 
 
-def tiny_codec(encoder: str = "mel", phase: str = "advance"):
+def tiny_codec(encoder: str = "mel", phase: str = "advance", mel_prior: bool = True):
     torch.manual_seed(0)
-    codec = build_codec(dataclasses.replace(codec_preset("tiny"), encoder=encoder, phase=phase)).eval()
+    config = dataclasses.replace(codec_preset("tiny"), encoder=encoder, phase=phase, mel_prior=mel_prior)
+    codec = build_codec(config).eval()
     with torch.no_grad():  # a decoder as after training: residual branches and every head output matter
         for block in codec.decoder.blocks:
             block.gamma.fill_(0.5)
@@ -27,9 +28,16 @@ def tiny_codec(encoder: str = "mel", phase: str = "advance"):
     return codec
 
 
-def test_test_decoder_is_loud_enough_for_the_tolerances():
+def log_mel_like(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """Random embeddings at the level of real log-mel frames (natural log of mel magnitudes, about -7 to 1)."""
+    return torch.from_numpy(np.random.default_rng(seed).standard_normal(shape).astype(np.float32) - 3.0)
+
+
+@pytest.mark.parametrize("mel_prior", [True, False])
+def test_test_decoder_is_loud_enough_for_the_tolerances(mel_prior):
+    codec = tiny_codec(mel_prior=mel_prior)
     with torch.no_grad():
-        y = tiny_codec().decode(torch.randn(1, 128, 40))
+        y = codec.decode(log_mel_like((1, 128, 40)))
     assert 0.05 < y.std() < 5  # so that the parity tolerance of 1e-4 is tight (< 0.2 % of the level)
 
 
@@ -94,7 +102,7 @@ def test_streaming_equals_full_decode_in_torch_and_onnx(tmp_path, phase):
     assert [tuple(s.shape) for s in codec.initial_stream_state(2)] == [(2, *shape[1:]) for _, shape in spec]
     stream = session(export_codec_onnx(codec, tmp_path)["codec_decoder_stream"])
     frames = 40
-    emb = torch.from_numpy(np.random.default_rng(1).standard_normal((2, 128, frames)).astype(np.float32))
+    emb = log_mel_like((2, 128, frames), seed=1)
     with torch.no_grad():
         full = codec.decode(emb)[:, :-960].numpy()  # (B, frames * hop - latency)
     for chunk in CHUNKS:

@@ -93,8 +93,10 @@ def test_train_and_eval_commands(codec_path: Path, tmp_path: Path) -> None:
                                       "--interp-notes", "2", "--out", str(tmp_path / "eval")])
     assert res.exit_code == 0, res.output
     m = json.loads((tmp_path / "eval" / "transformer_eval.json").read_text())
-    assert set(m["audio"]) == {"test_ground_truth", "test_generated", "interpolated_train", "interpolated_test"}
+    assert set(m["audio"]) == {"train_ground_truth", "train_generated", "test_ground_truth", "test_generated",
+                               "interpolated_train", "interpolated_test"}
     assert all(r["n"] == 2 and 0 <= r["within_50c"] <= 1 for r in m["audio"].values())
+    assert all(len(r["per_note"]["pitch"]) == len(r["per_note"]["cents"]) == 2 for r in m["audio"].values())
     assert "torchcrepe" in (tmp_path / "eval" / "transformer_eval.md").read_text()
 
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..codec import Codec, CodecError
 from ..config import CodecConfig
-from .modules import ISTFT, STFT, CausalConv1d, ConvNeXtBlock, LogMel
+from .modules import ISTFT, STFT, CausalConv1d, ConvNeXtBlock, LogMel, mel_filterbank
 
 
 class LearnedEncoder(nn.Module):
@@ -60,6 +61,28 @@ class LearnedEncoder(nn.Module):
         return self.proj(self.norm(x.transpose(1, 2))).transpose(1, 2)  # (B, dim, T)
 
 
+class MelInverse(nn.Module):
+    """Log-mel frames (B, n_mels, T) -> log STFT magnitude (B, F, T): the pseudo-inverse of the mel filterbank,
+    refined by `mel_prior_iters` multiplicative non-negative least-squares updates. Frame-local and fixed."""
+
+    def __init__(self, c: CodecConfig):
+        super().__init__()
+        mel = mel_filterbank(c.sample_rate, c.n_fft, c.n_mels)  # (n_mels, F)
+        pinv = torch.from_numpy(np.linalg.pinv(mel.double().numpy())).float()  # (F, n_mels)
+        self.register_buffer("mel", mel, persistent=False)
+        self.register_buffer("mel_t", mel.T.contiguous(), persistent=False)  # (F, n_mels)
+        self.register_buffer("pinv", pinv, persistent=False)
+        self.iters = c.mel_prior_iters
+
+    def forward(self, emb: Tensor) -> Tensor:
+        target = torch.exp(emb)  # (B, n_mels, T)
+        mag = torch.clamp(torch.matmul(self.pinv, target), min=1e-5)  # (B, F, T)
+        numerator = torch.matmul(self.mel_t, target)
+        for _ in range(self.iters):
+            mag = mag * numerator / (torch.matmul(self.mel_t, torch.matmul(self.mel, mag)) + 1e-10)
+        return torch.log(torch.clamp(mag, min=1e-5))
+
+
 class SpectrumHead(nn.Module):
     """Hidden frames h (B, width, T) -> STFT (real, imag), each (B, n_fft // 2 + 1, T).
 
@@ -78,6 +101,7 @@ class SpectrumHead(nn.Module):
     def __init__(self, c: CodecConfig):
         super().__init__()
         self.n_bins, self.mode = c.n_fft // 2 + 1, c.phase
+        self.mel_prior = MelInverse(c) if c.uses_mel_prior else None
         self.norm = nn.LayerNorm(c.width, eps=1e-6)
         self.proj = nn.Linear(c.width, (2 if c.phase == "angle" else 3) * self.n_bins)
         self.max_log_mag = math.log(c.n_fft)  # a full-scale sinusoid has |X| = n_fft / 4 under a Hann window
@@ -87,14 +111,20 @@ class SpectrumHead(nn.Module):
                              persistent=False)
         self.register_buffer("window_phase", torch.remainder(-math.pi * k, 2 * math.pi).float(), persistent=False)
         with torch.no_grad():
-            self.proj.bias[: self.n_bins] = -6.0  # start quiet (|X| ~ 0.0025): silence is most of most notes
+            if self.mel_prior is not None:  # the learned log-magnitude correction starts at zero
+                self.proj.weight[: self.n_bins] = 0.0
+                self.proj.bias[: self.n_bins] = 0.0
+            else:
+                self.proj.bias[: self.n_bins] = -6.0  # start quiet (|X| ~ 0.0025): silence is most of most notes
             if c.phase == "advance":  # learned advance correction and offset start at zero
                 self.proj.weight[self.n_bins:] = 0.0
                 self.proj.bias[self.n_bins:] = 0.0
 
-    def _outputs(self, h: Tensor) -> list[Tensor]:
+    def _outputs(self, h: Tensor, emb: Tensor) -> list[Tensor]:
         out = self.proj(self.norm(h.transpose(1, 2))).transpose(1, 2)  # (B, 2F or 3F, T)
         log_mag, *rest = out.split(self.n_bins, dim=1)  # (B, F, T) each
+        if self.mel_prior is not None:
+            log_mag = log_mag + self.mel_prior(emb)  # the learned part is a correction of the prior
         # a soft upper bound: a hard clamp has no gradient above it, and bins stuck there stay loud for good
         return [self.max_log_mag - F.softplus(self.max_log_mag - log_mag), *rest]
 
@@ -111,16 +141,17 @@ class SpectrumHead(nn.Module):
     def _wrap(x: Tensor) -> Tensor:
         return x - (2 * math.pi) * torch.floor(x / (2 * math.pi))
 
-    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        log_mag, *p = self._outputs(h)
+    def forward(self, h: Tensor, emb: Tensor) -> tuple[Tensor, Tensor]:
+        log_mag, *p = self._outputs(h, emb)
         if self.mode == "angle":
             return self._complex(log_mag, p[0])
         running = self._wrap(torch.cumsum(self._advance(log_mag, p[0]), dim=2)).float()  # (B, F, T)
         return self._complex(log_mag, running + self.window_phase + p[1])
 
-    def step(self, h: Tensor, phase: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-        """h (B, width, t), running phase (B, F) or None ("angle") -> real, imag (B, F, t), new running phase."""
-        log_mag, *p = self._outputs(h)
+    def step(self, h: Tensor, emb: Tensor, phase: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """h (B, width, t), its frames emb (B, dim, t), running phase (B, F) or None ("angle") -> real, imag
+        (B, F, t), new running phase."""
+        log_mag, *p = self._outputs(h, emb)
         if self.mode == "angle":
             return (*self._complex(log_mag, p[0]), None)
         running = self._wrap(phase.double()[:, :, None] + torch.cumsum(self._advance(log_mag, p[0]), dim=2))
@@ -144,7 +175,7 @@ class StftDecoder(nn.Module):
         h = self.norm_in(self.conv_in(emb).transpose(1, 2)).transpose(1, 2)  # (B, width, T)
         for block in self.blocks:
             h = block(h)
-        return self.istft(*self.head(h))  # (B, T * hop)
+        return self.istft(*self.head(h, emb))  # (B, T * hop)
 
     def step(self, frames: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         """frames (B, dim, t), state [conv_in, block0.., (phase,) istft_overlap] -> (audio (B, t * hop), state)."""
@@ -155,7 +186,7 @@ class StftDecoder(nn.Module):
             h, s = block.step(h, s)
             new_state.append(s)
         phase = state[len(self.blocks) + 1] if self.head.mode == "advance" else None
-        re, im, phase = self.head.step(h, phase)
+        re, im, phase = self.head.step(h, frames, phase)
         audio, overlap = self.istft.step(re, im, state[-1])
         return audio, new_state + ([phase] if phase is not None else []) + [overlap]
 

@@ -20,6 +20,14 @@ import numpy as np
 FORMAT = 1
 
 
+def same_encoder(a: dict | None, b: dict | None) -> bool:
+    """Do two `codec_id` dicts give the same embeddings? (Old identities without encoder_sha256: whole weights.)"""
+    if a is None or b is None:
+        return False
+    key = "encoder_sha256" if "encoder_sha256" in a and "encoder_sha256" in b else "weights_sha256"
+    return a.get(key) == b.get(key)
+
+
 class LatentCacheError(ValueError):
     """A latent cache is missing, incomplete, or belongs to another codec."""
 
@@ -90,7 +98,7 @@ class LatentWriter:
         meta = {"format": FORMAT, "codec": codec, "dataset": dataset, "dim": dim, "frames": frames}
         if meta_path.is_file():
             old = json.loads(meta_path.read_text())
-            if old.get("codec") != codec or old.get("dim") != dim or old.get("frames") != frames:
+            if not same_encoder(old.get("codec"), codec) or old.get("dim") != dim or old.get("frames") != frames:
                 raise LatentCacheError(f"{self.dir} holds latents of another codec ({old.get('codec', {}).get('name')}); "
                                        "refusing to mix codecs: choose another --out or delete that cache")
             return

@@ -1,0 +1,41 @@
+"""`pgesam-train report`: every section present, missing inputs named with the command that makes them, evaluation
+outputs carried into REPORT.md with their figures."""
+from __future__ import annotations
+
+import json
+
+from pgesam_train.report import ReportInputs, pitch_by_pitch, write_report
+
+
+def test_missing_inputs_say_which_command_to_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("PGESAM_HOME", str(tmp_path / "home"))
+    inp = ReportInputs(dataset=tmp_path / "no-dataset", runs=tmp_path / "runs")
+    text = write_report(tmp_path / "REPORT.md", tmp_path / "docs", inp, examples=False).read_text()
+    for heading in ("## Where each model was trained", "## Data", "## Codec", "## Stage 1", "## Ablations",
+                    "## Stage 2", "## Engine speed"):
+        assert heading in text
+    assert "`pgesam-train vae eval --preset small`" in text
+    assert "`pgesam-train codec eval --checkpoint" in text
+    assert text.count("Not measured yet") == 6
+
+
+def test_evaluation_outputs_and_figures_are_carried_in(tmp_path, monkeypatch):
+    monkeypatch.setenv("PGESAM_HOME", str(tmp_path / "home"))
+    runs = tmp_path / "runs"
+    (runs / "vae-eval-small").mkdir(parents=True)
+    (runs / "vae-eval-small" / "vae_eval.md").write_text("| table 3 | 0.5 |\n")
+    (runs / "vae-eval-small" / "timbre_map_train.png").write_bytes(b"\x89PNG fake")
+    tf = runs / "transformer-eval-small"
+    tf.mkdir()
+    (tf / "transformer_eval.md").write_text("| table 4 | 0.9 |\n")
+    audio = {"test_generated": {"n": 4, "within_50c": 0.5, "per_note": {"pitch": [48, 48, 60, 60],
+                                                                        "cents": [3.0, None, 80.0, -10.0]}}}
+    (tf / "transformer_eval.json").write_text(json.dumps({"audio": audio}))
+    inp = ReportInputs(dataset=tmp_path / "no-dataset", runs=runs)
+    docs = tmp_path / "docs"
+    text = write_report(tmp_path / "REPORT.md", docs, inp, examples=False, shortfalls="Fewer steps.").read_text()
+    assert "| table 3 | 0.5 |" in text and "| table 4 | 0.9 |" in text
+    assert "](docs/figures/timbre_map_train.png)" in text and (docs / "figures" / "timbre_map_train.png").is_file()
+    assert (docs / "figures" / "pitch_by_pitch.png").stat().st_size > 1000
+    assert text.rstrip().endswith("Fewer steps.")
+    assert pitch_by_pitch({"audio": audio}) == {"test_generated": {48: 0.5, 60: 0.5}}
