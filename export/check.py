@@ -18,9 +18,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from pgesam_engine.synth import CacheLayout
 from pgesam_train.codec import codec_id
 from pgesam_train.data.latents import LatentCacheError, load_latents
-from pgesam_train.generate import generate_cached
+from pgesam_train.generate import cache_shape, generate_cached
 
 from . import codec_graphs, decoder_step, transformer_encoder, vae_encoder
 from .bundle import Models, load_models
@@ -155,10 +156,11 @@ def check_decoder_step(s: ort.InferenceSession, m: Models, static: bool, tol: fl
     """Random inputs at several positions and batch sizes; one step of a real note (position 8)."""
     name, rows = decoder_step.STATIC if static else decoder_step.DYNAMIC, []
     frames = m.transformer.config.frames
+    names = decoder_step.input_names(m.transformer.config.n_decoder_layers)
     for pos in (0, 1, frames // 2, frames - 1):
         for batch in (1, 3):
             args = decoder_step.example_step_inputs(m.transformer, batch, pos, static, seed=pos + batch)
-            outs = _run(s, **dict(zip(decoder_step.INPUTS, args)))
+            outs = _run(s, **dict(zip(names, args)))
             refs = decoder_step.torch_reference(m.transformer, *args, static=static)
             rows.append(Row(name, f"random B={batch} position {pos}", *max(map(_err, outs, refs)), tol))
     return rows + [_real_step(s, m, static, tol)]
@@ -168,15 +170,15 @@ def _real_step(s: ort.InferenceSession, m: Models, static: bool, tol: float, at:
     """Step `at` of real notes (map instruments), its inputs made by `at` torch steps from <BOS>."""
     cfg = m.transformer.config
     z, midi = real_conditions(m)
-    _, cross = transformer_encoder.torch_reference(m.transformer, z, midi - cfg.pitch_min)
-    kv = torch.zeros(*cross.shape[:4], cfg.frames if static else 0, cross.shape[-1])
+    _, *cross = transformer_encoder.torch_reference(m.transformer, z, midi - cfg.pitch_min)
+    kv = [torch.zeros(cache_shape(cfg, len(z), cfg.frames if static else 0)) for _ in cross]
     frame = torch.zeros(len(z), cfg.dim)
     for t in range(at):
-        frame, kv = decoder_step.torch_reference(m.transformer, frame, torch.tensor([t] if static else t), cross, kv,
-                                                 static=static)
-    args = (frame, torch.tensor([at] if static else at), cross, kv)
+        position = torch.tensor([t] if static else t)
+        frame, *kv = decoder_step.torch_reference(m.transformer, frame, position, *cross, *kv, static=static)
+    args = (frame, torch.tensor([at] if static else at), *cross, *kv)
     ref = decoder_step.torch_reference(m.transformer, *args, static=static)
-    outs = _run(s, **dict(zip(decoder_step.INPUTS, args)))
+    outs = _run(s, **dict(zip(decoder_step.input_names(cfg.n_decoder_layers), args)))
     name = decoder_step.STATIC if static else decoder_step.DYNAMIC
     return Row(name, f"real note B={len(z)} position {at}", *max(map(_err, outs, ref)), tol)
 
@@ -195,7 +197,7 @@ def check_variants(sessions: dict, m: Models) -> list[Row]:
         else:
             static = graph == decoder_step.STATIC
             args = decoder_step.example_step_inputs(m.transformer, 3, 150, static, seed=2)
-            outs = _run(s, **dict(zip(decoder_step.INPUTS, args)))
+            outs = _run(s, **dict(zip(decoder_step.input_names(m.transformer.config.n_decoder_layers), args)))
             refs = decoder_step.torch_reference(m.transformer, *args, static=static)
         rows.append(Row(key, "random B=3 vs torch", *max(map(_err, outs, refs)), None))
     return rows
@@ -205,8 +207,10 @@ def check_codec(sessions: dict, m: Models, real: torch.Tensor, tol: float) -> li
     """codec_decoder / codec_encoder at every length of CODEC_LENGTHS (random and real), and the stream."""
     codec, rows = m.codec, []
     lengths = sorted({max(t, codec_graphs.min_first_frames(codec)) for t in CODEC_LENGTHS})
-    with torch.no_grad():
+    with torch.no_grad():  # decoded real notes over a noise floor 30 dB below their peak (see example_audio)
         real_audio = codec.decode(real)
+        floor = 0.03 * real_audio.abs().amax(dim=1, keepdim=True)
+        real_audio = real_audio + floor * torch.randn(real_audio.shape, generator=torch.Generator().manual_seed(0))
     for t in lengths:
         cases = [("random", codec_graphs.example_frames(codec, 2, t, seed=t))]
         cases += [("real", real[:, :, :t])] if t in REAL_LENGTHS else []
@@ -267,34 +271,37 @@ def check_stream(sessions: dict, m: Models, real: torch.Tensor, tol: float) -> l
     return rows
 
 
-def onnx_generate(sessions: dict, z: np.ndarray, pitch_index: np.ndarray, frames: int, static: bool = False,
-                  step: str | None = None) -> np.ndarray:
-    """A whole note through the graphs alone: z (B, 2), pitch_index (B,) -> frames (B, dim, frames).
+def onnx_generate(sessions: dict, kv_cache: dict, z: np.ndarray, pitch_index: np.ndarray, frames: int,
+                  static: bool = False, step: str | None = None) -> np.ndarray:
+    """A whole note through the graphs alone: z (B, 2), pitch_index (B,) -> frames (B, dim, frames), the cache
+    tensors named as the manifest's `kv_cache` says.
 
     `step` names the step graph's manifest key (default decoder_step or decoder_step_static)."""
-    _, cross = sessions["transformer_encoder"].run(None, {"z": z, "pitch_index": pitch_index})
+    layout = CacheLayout.read(kv_cache)
+    cross = sessions["transformer_encoder"].run(list(layout.cross), {"z": z, "pitch_index": pitch_index})
     sess = sessions[step or (decoder_step.STATIC if static else decoder_step.DYNAMIC)]
-    layers, _, batch, heads, _, hd = cross.shape
-    kv = np.zeros((layers, 2, batch, heads, frames if static else 0, hd), np.float32)
-    frame = np.zeros((batch, sess.get_inputs()[0].shape[1]), np.float32)  # <BOS>
+    kv = layout.zeros(layout.self_in, len(z), frames if static else 0)
+    feeds = dict(zip(layout.cross, cross))
+    frame = np.zeros((len(z), sess.get_inputs()[0].shape[1]), np.float32)  # <BOS>
     out = []
     for t in range(frames):
         position = np.array([t] if static else t, np.int64)
-        frame, kv = sess.run(None, {"frame": frame, "position": position, "cross_kv": cross, "in_self_kv": kv})
+        frame, *new = sess.run(["next_frame", *layout.self_out], {"frame": frame, "position": position, **feeds, **kv})
+        kv = dict(zip(layout.self_in, new))
         out.append(frame)
     return np.stack(out, axis=2)
 
 
-def check_notes(sessions: dict, m: Models, note_tol: float, tol: float) -> list[Row]:
+def check_notes(sessions: dict, kv_cache: dict, m: Models, note_tol: float, tol: float) -> list[Row]:
     """Whole notes (map instruments): ONNX vs the torch reference render; static vs dynamic step; audio."""
     z, midi = real_conditions(m)
     pidx = (midi - m.transformer.config.pitch_min).numpy()
     n = m.transformer.config.frames
     ref = generate_cached(m.transformer, z, midi)  # the reference render's frames (B, dim, frames)
-    frames = onnx_generate(sessions, z.numpy(), pidx, n)
+    frames = onnx_generate(sessions, kv_cache, z.numpy(), pidx, n)
     rows = [Row("note", f"{n} frames B={len(z)}: onnx vs torch render (embeddings)", *_err(frames, ref), note_tol)]
     if decoder_step.STATIC in sessions:
-        static = onnx_generate(sessions, z.numpy(), pidx, n, static=True)
+        static = onnx_generate(sessions, kv_cache, z.numpy(), pidx, n, static=True)
         rows.append(Row("note", "decoder_step_static vs decoder_step (embeddings)", *_err(static, frames), tol))
     with torch.no_grad():
         audio_ref = m.codec.decode(ref)
@@ -302,7 +309,8 @@ def check_notes(sessions: dict, m: Models, note_tol: float, tol: float) -> list[
     rows.append(Row("note", "audio: onnx frames + codec_decoder vs torch render", *_err(audio, audio_ref), None))
     for key in sessions:
         if "." in key and key.split(".")[0] in (decoder_step.DYNAMIC, decoder_step.STATIC):
-            var = onnx_generate(sessions, z.numpy(), pidx, n, static=key.startswith(decoder_step.STATIC), step=key)
+            var = onnx_generate(sessions, kv_cache, z.numpy(), pidx, n, static=key.startswith(decoder_step.STATIC),
+                                step=key)
             rows.append(Row("note", f"variant {key} vs torch render (embeddings)", *_err(var, ref), None))
     return rows
 
@@ -322,7 +330,7 @@ def check_bundle(root: Path, codec: Path | None = None, vae: Path | None = None,
     steps = [lambda: check_transformer_encoder(sessions["transformer_encoder"], m, tolerance),
              lambda: check_decoder_step(sessions["decoder_step"], m, False, tolerance),
              lambda: check_codec(sessions, m, real, tolerance),
-             lambda: check_notes(sessions, m, note_tolerance, tolerance)]
+             lambda: check_notes(sessions, manifest["kv_cache"], m, note_tolerance, tolerance)]
     if "decoder_step_static" in sessions:
         steps.insert(2, lambda: check_decoder_step(sessions["decoder_step_static"], m, True, tolerance))
     if any("." in key for key in sessions):

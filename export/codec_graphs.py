@@ -45,8 +45,11 @@ def min_first_frames(codec: Codec) -> int:
 
 
 def example_frames(codec: Codec, batch: int, frames: int, seed: int = 0) -> Tensor:
-    """Random embeddings (B, dim, frames) at roughly the scale of the codec's own encodings."""
-    return torch.randn(batch, codec.dim, frames, generator=torch.Generator().manual_seed(seed))
+    """Random embeddings (B, dim, frames) at roughly the scale of the codec's own encodings (a log-mel encoder's
+    frames are natural logs of mel magnitudes, about -7 to 1: centred at -3)."""
+    from pgesam_train.codec import encoder_kind
+    emb = torch.randn(batch, codec.dim, frames, generator=torch.Generator().manual_seed(seed))
+    return emb - 3.0 if encoder_kind(codec.config) == "mel" else emb
 
 
 def example_audio(codec: Codec, batch: int, samples: int, seed: int = 0) -> Tensor:

@@ -1,4 +1,4 @@
-"""Graph files and the manifest of a bundle (docs/bundle.md, format version 1).
+"""Graph files and the manifest of a bundle (docs/bundle.md, format version 2).
 
 `timbre_map_section`, `data_section` and `codec_origin` say where the model came from: the training instruments'
 centroids with their soundfont presets, the soundfonts' licences, and the codec's weights.
@@ -23,13 +23,16 @@ from torch import Tensor, nn
 
 from pgesam_engine.hashing import sha256_of
 from pgesam_train.codec import Codec, codec_id
+from pgesam_train.config import TransformerConfig
 from pgesam_train.data.latents import LatentCacheError, load_latents, read_meta
+from pgesam_train.transformer import N_COND_TOKENS
 
 FORMAT = "pgesam-bundle"
-VERSION = 1
+VERSION = 2  # 2: one [B, H, length, hd] key and value tensor per decoder layer (1: one stacked cache tensor)
 OPSET = 17
 MANIFEST = "manifest.json"
 META_KEYS = ("sample_rate", "frame_rate", "hop", "frames", "dim", "pitch_min", "pitch_max")
+KV_LAYOUT = ("batch", "heads", "length", "head_dim")  # axes of every cache tensor
 
 
 class ExportError(ValueError):
@@ -49,7 +52,8 @@ def created_by() -> str:
 class GraphSpec:
     """One graph to export: its wrapper module, example inputs, names, and which axes are dynamic.
 
-    `dynamic_axes` maps an input or output name to {axis: symbolic name}, e.g. {"emb": {0: "B", 2: "T"}}.
+    `dynamic_axes` maps an input or output name to {axis: symbolic name}, e.g. {"emb": {0: "B", 2: "T"}};
+    `metadata` is written into the graph beside the bundle's facts.
     """
     name: str
     module: nn.Module
@@ -57,6 +61,7 @@ class GraphSpec:
     inputs: list[str]
     outputs: list[str]
     dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
 
     @property
     def file(self) -> str:
@@ -75,7 +80,7 @@ def export_graph(spec: GraphSpec, path: Path, facts: dict[str, str]) -> Path:
                               do_constant_folding=True)
     except Exception as e:  # the tracer raises many unrelated types
         raise ExportError(f"exporting {spec.name} to ONNX failed: {type(e).__name__}: {e}") from e
-    set_metadata(path, {**facts, "graph": spec.name})
+    set_metadata(path, {**facts, **spec.metadata, "graph": spec.name})
     return path
 
 
@@ -89,6 +94,32 @@ def set_metadata(path: Path, facts: dict[str, str]) -> None:
     for key, value in {"pgesam_format": FORMAT, "pgesam_version": str(VERSION), **facts}.items():
         model.metadata_props.add(key=key, value=str(value))
     onnx.save(model, str(path))
+
+
+def cross_names(layers: int) -> list[str]:
+    """cross_k0, cross_v0, cross_k1, ...: every decoder layer's cross-attention keys and values, in order."""
+    return [f"cross_{kv}{i}" for i in range(layers) for kv in "kv"]
+
+
+def self_names(prefix: str, layers: int) -> list[str]:
+    """in_self_k0, in_self_v0, ... (prefix "in") or out_self_k0, ... (prefix "out"): the self-attention cache."""
+    return [f"{prefix}_self_{kv}{i}" for i in range(layers) for kv in "kv"]
+
+
+def kv_cache_section(cfg: TransformerConfig) -> dict:
+    """The manifest's `kv_cache` for a TransformerConfig: geometry, the axes of every cache tensor, the names of
+    the cross-attention tensors (transformer_encoder outputs = decoder step inputs) and of each self-attention
+    cache input with the step output that replaces it."""
+    layers = cfg.n_decoder_layers
+    return {"layers": layers, "heads": cfg.n_heads, "head_dim": cfg.head_dim, "encoder_length": N_COND_TOKENS,
+            "max_length": cfg.frames, "layout": list(KV_LAYOUT), "cross": cross_names(layers),
+            "self": [list(p) for p in zip(self_names("in", layers), self_names("out", layers))]}
+
+
+def kv_metadata(kv: dict) -> dict[str, str]:
+    """The manifest's kv_cache as ONNX metadata of the Transformer graphs (comma-separated names)."""
+    return {"kv_layout": ",".join(kv["layout"]), "kv_cross": ",".join(kv["cross"]),
+            "kv_self_in": ",".join(i for i, _ in kv["self"]), "kv_self_out": ",".join(o for _, o in kv["self"])}
 
 
 def metadata_facts(manifest: dict) -> dict[str, str]:

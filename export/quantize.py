@@ -20,6 +20,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from pgesam_engine.synth import CacheLayout
+
 from .manifest import ExportError, graph_entry, metadata_facts, set_metadata
 
 log = logging.getLogger("pgesam.export")
@@ -59,18 +61,16 @@ def example_feeds(manifest: dict, graph: str, batch: int = 1, seed: int = 0) -> 
                   "pitch_index": rng.integers(0, n_pitches, batch).astype(np.int64)}
     if graph == "transformer_encoder":
         return conditions
-
-    def cache(length: int) -> np.ndarray:
-        shape = (kv["layers"], 2, batch, kv["heads"], length, kv["head_dim"])
-        return rng.standard_normal(shape).astype(np.float32)
+    layout = CacheLayout.read(kv)
     half = manifest["frames"] // 2
-    cross = cache(kv["encoder_length"])
+    cross = layout.zeros(layout.cross, batch, kv["encoder_length"], rng)
     frame = rng.standard_normal((batch, dim)).astype(np.float32)
     if graph == "decoder_step":
-        return {"frame": frame, "position": np.array(half, np.int64), "cross_kv": cross, "in_self_kv": cache(half)}
+        return {"frame": frame, "position": np.array(half, np.int64), **cross,
+                **layout.zeros(layout.self_in, batch, half, rng)}
     if graph == "decoder_step_static":
-        return {"frame": frame, "position": np.array([half], np.int64), "cross_kv": cross,
-                "in_self_kv": cache(kv["max_length"])}
+        return {"frame": frame, "position": np.array([half], np.int64), **cross,
+                **layout.zeros(layout.self_in, batch, kv["max_length"], rng)}
     raise ExportError(f"no example inputs for graph {graph!r}")
 
 

@@ -7,12 +7,16 @@
 
 A backend calls `render(out, start_sample, wall)` once per block: `out` (n,) float32 to fill, `start_sample` the
 audio-clock index of out[0], `wall` the time.time() at which out[0] is heard. The call is wrapped so that the
-audio thread never raises: an exception silences that block and is counted in `errors`.
+audio thread never raises: an exception silences that block and is counted in `errors`. A backend that learns its
+device is gone sets `failed` (the engine then falls back to null). `write_wav_atomic` is how every rendered note
+reaches disk: a temporary file in the same folder, then `os.replace`, so a crash leaves no file or a whole one.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -52,6 +56,7 @@ class Backend:
         self.clock = AudioClock(sample_rate)
         self.underruns = self.errors = self.blocks = 0
         self.last_error = ""
+        self.failed = ""  # set (with the reason) when the device is known to be gone
         self.output_latency_samples = 0
         self._render: RenderFn | None = None
 
@@ -108,6 +113,7 @@ class NullBackend(Backend):
         n, sr = self.blocksize, self.sample_rate
         buf = np.zeros(n, np.float32)
         t0, k = time.time() + 0.01, 0
+        base = self.clock.sample_at(t0) if self.clock.running else 0  # a clock taken over keeps its timeline
         while not self._stop.is_set():
             due = t0 + k * n / sr
             now = time.time()
@@ -118,8 +124,14 @@ class NullBackend(Backend):
                 if now - due > 0.5:
                     t0 = now - k * n / sr
                     due = now
-            self._block(buf, k * n, max(due, time.time()), anchor=due)
-            self._write(buf)
+            self._block(buf, base + k * n, max(due, time.time()), anchor=due)
+            try:
+                self._write(buf)
+            except Exception as e:  # e.g. disk full while recording: keep the clock (and the engine) running
+                if not self.errors or self.last_error != f"{type(e).__name__}: {e}":
+                    log.error("%s backend cannot write audio: %s: %s", self.name, type(e).__name__, e)
+                self.errors += 1
+                self.last_error = f"{type(e).__name__}: {e}"
             k += 1
 
     def _write(self, block: np.ndarray) -> None:
@@ -201,6 +213,7 @@ class SoundDeviceBackend(Backend):
         self._start = self._first = 0
         self._wall = 0.0
         self._mono = np.zeros(8192, np.float32)
+        self._stopping = False
 
     def _channels(self) -> int:
         info = self.sd.query_devices(self.device, "output")
@@ -216,13 +229,20 @@ class SoundDeviceBackend(Backend):
                 self.device_rate = int(self.sd.query_devices(self.device, "output")["default_samplerate"])
                 log.info("device cannot open %d Hz; resampling to %d Hz", self.sample_rate, self.device_rate)
                 self._resampler = Resampler(self._engine_block, self.sample_rate, self.device_rate, self.blocksize)
+            self._stopping = False
             self.stream = self.sd.OutputStream(samplerate=self.device_rate, blocksize=self.blocksize,
                                                device=self.device, channels=channels, dtype="float32",
-                                               latency="low", callback=self._callback)
+                                               latency="low", callback=self._callback,
+                                               finished_callback=self._finished)
             self.output_latency_samples = int(self.stream.latency * self.sample_rate)
             self.stream.start()
         except Exception as e:
             raise AudioError(f"cannot open audio device {self.device!r}: {e}; try --device, or --audio null") from e
+
+    def _finished(self) -> None:
+        """PortAudio ended the stream: on our `stop`, or because the device went away."""
+        if not self._stopping:
+            self.failed = f"the output stream of device {self.device!r} stopped (unplugged or taken away?)"
 
     def _engine_block(self, out: np.ndarray) -> None:
         self._block(out, self._start, self._wall + (self._start - self._first) / self.sample_rate)
@@ -247,10 +267,13 @@ class SoundDeviceBackend(Backend):
             self.last_error = f"{type(e).__name__}: {e}"
 
     def stop(self) -> None:
+        self._stopping = True
         if self.stream is not None:
-            self.stream.stop()
-            self.stream.close()
-            self.stream = None
+            stream, self.stream = self.stream, None
+            with contextlib.suppress(Exception):  # a vanished device may refuse to stop; it is gone either way
+                stream.stop()
+            with contextlib.suppress(Exception):
+                stream.close()
 
     def describe(self) -> str:
         rate = f"{self.device_rate} Hz (resampled from {self.sample_rate})" if self._resampler else \
@@ -271,6 +294,48 @@ def open_backend(spec: str, sample_rate: int, blocksize: int = 256, device: int 
     if spec == "sounddevice":
         return SoundDeviceBackend(sample_rate, blocksize, device)
     raise AudioError(f"unknown audio backend {spec!r}; use sounddevice, null or file:PATH")
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux tells it (/proc), else set and restored."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file (mkstemp gives 0600)
+
+
+def write_wav_atomic(path: Path | str, audio: np.ndarray, sample_rate: int, subtype: str = "FLOAT") -> Path:
+    """Write `audio` (samples,) as a WAV file at `path` atomically -> the path.
+
+    The samples go to a hidden temporary file in the same folder (`.NAME.XXXX.part`), which is flushed to disk
+    and then renamed over `path` with `os.replace`: a reader, or a process killed at any moment, sees either no
+    file (or the previous one) or the whole new file, never a partial one. A symlink at `path` is replaced, not
+    followed. A failed write removes the temporary file.
+    """
+    import soundfile
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w+b") as f:
+            soundfile.write(f, audio, sample_rate, subtype=subtype, format="WAV")
+            f.flush()
+            os.fsync(f.fileno())
+            os.fchmod(f.fileno(), _FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 def list_devices() -> str:

@@ -47,15 +47,16 @@ def graph_latencies(synth: Synth, repeats: int) -> dict[str, dict]:
     m, b = synth.m, synth.bundle
     rng = np.random.default_rng(0)
     z, pidx = np.zeros((1, 2), np.float32), np.zeros(1, np.int64)
-    _, cross = b.session("transformer_encoder").run(None, {"z": z, "pitch_index": pidx})
+    layout = synth.layout
+    cross = dict(zip(layout.cross, b.session("transformer_encoder").run(list(layout.cross),
+                                                                         {"z": z, "pitch_index": pidx})))
     half = m.frames // 2
     feeds = {
         "transformer_encoder": {"z": z, "pitch_index": pidx},
         "decoder_step": {"frame": np.zeros((1, m.dim), np.float32), "position": np.array(half, np.int64),
-                         "cross_kv": cross, "in_self_kv": rng.standard_normal(m.kv.self_shape(1, half), np.float32)},
+                         **cross, **layout.zeros(layout.self_in, 1, half, rng)},
         "decoder_step_static": {"frame": np.zeros((1, m.dim), np.float32), "position": np.array([half], np.int64),
-                                "cross_kv": cross,
-                                "in_self_kv": np.zeros(m.kv.self_shape(1, m.kv.max_length), np.float32)},
+                                **cross, **layout.zeros(layout.self_in, 1, m.kv.max_length)},
         "codec_decoder": {"emb": rng.standard_normal((1, m.dim, m.frames), np.float32)},
         "codec_encoder": {"audio": rng.standard_normal((1, m.note_samples), np.float32) * 0.1},
         "vae_encoder": {"emb": rng.standard_normal((1, m.dim, m.frames), np.float32)},

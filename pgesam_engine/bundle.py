@@ -22,7 +22,7 @@ from .hashing import sha256_of
 log = logging.getLogger("pgesam.bundle")
 
 FORMAT = "pgesam-bundle"
-SUPPORTED_VERSIONS = (1,)
+SUPPORTED_VERSIONS = (2,)  # 2: per-layer KV cache tensors (docs/bundle.md); 1 stacked them in one
 REQUIRED_GRAPHS = ("transformer_encoder", "decoder_step", "codec_decoder")
 OPTIONAL_GRAPHS = ("decoder_step_static", "codec_decoder_stream", "codec_encoder", "vae_encoder")
 PROVIDER_ALIASES = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
@@ -113,12 +113,22 @@ def _need(d: dict, key: str, where: str) -> Any:
 
 def parse_manifest(raw: dict, where: str = "manifest.json") -> Manifest:
     """Check format and version, then read the fields the engine needs -> Manifest."""
+    if not isinstance(raw, dict):
+        raise BundleError(f"{where} holds a JSON {type(raw).__name__}, not an object; re-export the bundle")
     if raw.get("format") != FORMAT:
         raise BundleError(f"{where}: format is {raw.get('format')!r}, expected {FORMAT!r}")
     version = raw.get("version")
     if version not in SUPPORTED_VERSIONS:
         raise BundleError(f"{where}: bundle version {version} is not one this engine reads "
                           f"({', '.join(map(str, SUPPORTED_VERSIONS))}); upgrade pgesam or re-export the bundle")
+    try:
+        return _typed_manifest(raw, where)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+        raise BundleError(f"{where}: a field has the wrong type or shape ({type(e).__name__}: {e}); "
+                          "the bundle does not follow docs/bundle.md (re-export it)") from e
+
+
+def _typed_manifest(raw: dict, where: str) -> Manifest:
     kv = _need(raw, "kv_cache", where)
     stream = raw.get("codec_stream", {})
     mp = _need(raw, "map", where)
@@ -143,11 +153,17 @@ def read_manifest(root: Path) -> Manifest:
     if not path.is_file():
         raise BundleError(f"{root} is not a bundle: it has no manifest.json (run `pgesam-train export`)")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise BundleError(f"{path} is not text (UTF-8 JSON): corrupt or not a manifest; re-export the bundle") from e
     except json.JSONDecodeError as e:
-        raise BundleError(f"{path} is not valid JSON: {e}") from e
+        raise BundleError(f"{path} is not valid JSON ({e}): truncated or corrupt; re-export the bundle") from e
+    except OSError as e:
+        raise BundleError(f"cannot read {path}: {e.strerror or e}") from e
     manifest = parse_manifest(raw, str(path))
     graphs = _need(raw, "graphs", str(path))
+    if not isinstance(graphs, dict) or not all(isinstance(e, dict) for e in graphs.values()):
+        raise BundleError(f"{path}: 'graphs' must map graph names to objects; re-export the bundle")
     for name in REQUIRED_GRAPHS:
         if name not in graphs:
             raise BundleError(f"bundle at {root} lists no {name} graph; run `pgesam-train export`")
@@ -157,15 +173,19 @@ def read_manifest(root: Path) -> Manifest:
 
 
 def _verify_file(root: Path, name: str, entry: dict) -> None:
-    file = root / _need(entry, "file", f"manifest graph {name}")
+    rel = _need(entry, "file", f"manifest graph {name}")
+    file = root / str(rel)
+    if Path(str(rel)).is_absolute() or not file.resolve().is_relative_to(root.resolve()):
+        raise BundleError(f"{root / 'manifest.json'}: graph {name} points at {rel!r}, outside the bundle folder "
+                          "(tampered manifest); re-export the bundle")
     if not file.is_file():
         raise BundleError(f"bundle at {root} has no {file.name} (graph {name}); run `pgesam-train export`")
     if "bytes" in entry and file.stat().st_size != int(entry["bytes"]):
-        raise BundleError(f"{file.name} is {file.stat().st_size} bytes, the manifest says {entry['bytes']}: "
+        raise BundleError(f"{file} is {file.stat().st_size} bytes, the manifest says {entry['bytes']}: "
                           "the file was changed or truncated; re-export the bundle")
-    digest = sha256_of(file)
-    if digest != _need(entry, "sha256", f"manifest graph {name}"):
-        raise BundleError(f"{file.name} does not match its SHA-256 in manifest.json (tampered or corrupt); "
+    expected = _need(entry, "sha256", f"manifest graph {name}")
+    if sha256_of(file) != expected:
+        raise BundleError(f"{file} does not match its SHA-256 in manifest.json (tampered or corrupt); "
                           "re-export the bundle")
 
 
@@ -238,10 +258,13 @@ class Bundle:
         self.root = Path(root).expanduser().resolve()
         self.manifest = read_manifest(self.root)
         self.requested = resolve_providers(providers)
+        self.fallback = ""  # why CUDA was asked for but the sessions run on CPU
+        self._threads = threads
         self._options = session_options(threads, cpu_only="CUDAExecutionProvider" not in self.requested)
         self.sessions: dict[str, ort.InferenceSession] = {}
         graphs = self.manifest.raw["graphs"]
         self.cuda_graph = cuda_graph and "CUDAExecutionProvider" in self.requested
+        self._variant = variant
         for name in [*REQUIRED_GRAPHS, *OPTIONAL_GRAPHS]:
             key = f"{name}.{variant}" if variant and f"{name}.{variant}" in graphs else name
             if key in graphs:
@@ -255,9 +278,30 @@ class Bundle:
         try:
             sess = ort.InferenceSession(str(self.root / file), self._options, providers=providers)
         except Exception as e:  # onnxruntime raises several unrelated types for a bad model
-            raise BundleError(f"onnxruntime cannot load {file}: {str(e).splitlines()[0]}") from e
-        self._check_metadata(name, file, sess.get_modelmeta().custom_metadata_map)
+            if "CUDAExecutionProvider" not in self.requested:
+                raise BundleError(f"onnxruntime cannot load {self.root / file}: {_first_line(e)}") from e
+            self._cpu_fallback(f"the CUDA provider failed on {file} ({_first_line(e)})")
+            return self._open(name, file)
+        if "CUDAExecutionProvider" in self.requested and sess.get_providers()[0] != "CUDAExecutionProvider":
+            self.fallback = self.fallback or f"CUDA was asked for but onnxruntime runs {file} on CPU"
+        self._check_metadata(name, str(self.root / file), sess.get_modelmeta().custom_metadata_map)
         return sess
+
+    def _cpu_fallback(self, reason: str) -> None:
+        """Open this and every later session on CPU only, and remember why (`/pgesam/status` reports it)."""
+        log.warning("%s; falling back to the CPU provider", reason)
+        self.fallback = reason
+        self.requested = ["CPUExecutionProvider"]
+        self.cuda_graph = False
+        self._options = session_options(self._threads, cpu_only=True)
+        opened, self.sessions = self.sessions, {}
+        for done in opened:  # graphs opened on CUDA before the failure move to CPU too
+            self.sessions[done] = self._open(done, self._file_of(done))
+
+    def _file_of(self, name: str) -> str:
+        graphs = self.manifest.raw["graphs"]
+        key = f"{name}.{self._variant}" if self._variant and f"{name}.{self._variant}" in graphs else name
+        return graphs[key]["file"]
 
     def _check_metadata(self, name: str, file: str, meta: dict[str, str]) -> None:
         if meta.get("pgesam_format") != FORMAT:
@@ -296,6 +340,11 @@ class Bundle:
     def provider(self) -> str:
         """The decoder step's active provider, e.g. 'CPUExecutionProvider'."""
         return self.sessions["decoder_step"].get_providers()[0]
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def default_bundle_path() -> Path:

@@ -19,7 +19,7 @@ import click
 import numpy as np
 
 from . import __version__
-from .audio import AudioError, list_devices, open_backend
+from .audio import AudioError, list_devices, open_backend, write_wav_atomic
 from .bundle import Bundle, BundleError, cuda_unusable_reason, default_bundle_path, resolve_providers
 from .engine import Engine, EngineConfig, EngineError
 from .synth import STEP_MODES, Synth, SynthError
@@ -82,8 +82,8 @@ def cli(verbose: int) -> None:
 
 
 def _write(path: Path, audio: np.ndarray, sr: int) -> None:
-    import soundfile
-    soundfile.write(str(path), audio, sr, subtype="FLOAT")
+    """Atomically: a killed render leaves no file or a whole one under `path`, never a partial WAV."""
+    write_wav_atomic(path, audio, sr)
 
 
 def _read_batch(file: Path, out: Path | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Path]]:
@@ -133,18 +133,26 @@ def render(synth: Synth, x: float, y: float, pitch: int, velocity: float, grid: 
         paths = [folder / f"pitch_{p}.wav" for p in pitches] if grid else [out or Path("note.wav")]
     if batch_file is not None and not allow_outside:
         points = np.array([m.map.clamp(px, py)[:2] for px, py in points])
+    synth.conditions(points, pitches)  # refuse a bad row before writing anything
     for p in {p.parent for p in paths}:
         p.mkdir(parents=True, exist_ok=True)
+    batch = 25  # notes rendered together; each batch is written before the next starts (bounded memory)
     with click.progressbar(length=len(pitches), label="rendering", file=sys.stderr) as bar:
-        audio = synth.render(points, pitches, progress=bar.update)
-    for a, v, path in zip(audio, vels, paths):
-        _write(path, a * velocity_gain(v), m.sample_rate)
+        for i in range(0, len(pitches), batch):
+            audio = synth.render(points[i:i + batch], pitches[i:i + batch], batch_size=batch)
+            for a, v, path in zip(audio, vels[i:i + batch], paths[i:i + batch]):
+                _write(path, a * velocity_gain(v), m.sample_rate)
+            bar.update(len(audio))
     click.echo(f"wrote {len(paths)} note(s): {paths[0]}{' ...' if len(paths) > 1 else ''}")
 
 
 @cli.command()
 @with_synth
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to listen on; anything but loopback needs --allow-remote")
+@click.option("--allow-remote", is_flag=True, help="really listen on an address other machines can reach")
+@click.option("--allow", "allow", default=None, metavar="ADDRESSES",
+              help="only these senders (comma-separated addresses, networks or host names); others are dropped")
 @click.option("--port", type=click.IntRange(0, 65535), default=57130, show_default=True, help="UDP port (0: any)")
 @click.option("--audio", "audio_spec", default="sounddevice", show_default=True,
               help="sounddevice, null, or file:PATH (record the performance to WAV)")
@@ -154,37 +162,74 @@ def render(synth: Synth, x: float, y: float, pitch: int, velocity: float, grid: 
 @click.option("--cache-mb", type=click.FloatRange(0), default=256.0, show_default=True,
               help="memory for prerendered timbres")
 @click.option("--allow-outside", is_flag=True, help="do not clamp timbre points onto the covered region")
+@click.option("--out-dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=Path("."),
+              show_default=True, help="/pgesam/render writes only inside this folder")
+@click.option("--in-dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=Path("."),
+              show_default=True, help="/pgesam/encode reads only inside this folder")
+@click.option("--audio-fallback/--no-audio-fallback", default=True, show_default=True,
+              help="play on silently (null backend) when the audio device fails to open or goes away")
+@click.option("--reply-port", type=click.IntRange(1, 65535), default=None,
+              help="send replies to this port of the sender's host (Max: [udpreceive N]); default: the sender's port")
 @click.option("--duration", type=float, default=None, help="stop after this many seconds")
-def serve(synth: Synth, host: str, port: int, audio_spec: str, device: str | None, blocksize: int, voices: int,
-          cache_mb: float, allow_outside: bool, duration: float | None) -> None:
-    """Play the instrument, controlled over OSC (UDP)."""
-    from .osc import OscServer, Router
-    dev = int(device) if device is not None and device.isdigit() else device
-    backend = open_backend(audio_spec, synth.m.sample_rate, blocksize, dev)
-    config = EngineConfig(max_voices=voices, cache_mb=cache_mb, allow_outside=allow_outside)
+def serve(synth: Synth, host: str, allow_remote: bool, allow: str | None, port: int, audio_spec: str,
+          device: str | None, blocksize: int, voices: int, cache_mb: float, allow_outside: bool, out_dir: Path,
+          in_dir: Path, audio_fallback: bool, reply_port: int | None, duration: float | None) -> None:
+    """Play the instrument, controlled over OSC (UDP). SIGINT or SIGTERM stop it cleanly."""
+    from .osc import OscServer, Router, is_loopback
+    if not allow_remote and not is_loopback(host):  # before opening any device
+        raise click.ClickException(f"refusing to listen on {host}: other machines could reach it; pass "
+                                   "--allow-remote (and --allow ADDRESSES) or use --host 127.0.0.1")
+    backend = _open_audio(audio_spec, synth.m.sample_rate, blocksize, device, audio_fallback)
+    config = EngineConfig(max_voices=voices, cache_mb=cache_mb, allow_outside=allow_outside,
+                          output_dir=str(out_dir.resolve()), input_dir=str(in_dir.resolve()),
+                          audio_fallback=audio_fallback)
     engine = Engine(synth, backend, config)
     server = None
     try:
-        server = OscServer(Router(engine), host, port)
+        server = OscServer(Router(engine), host, port, allow_remote=allow_remote, allow=allow,
+                           warn=lambda m: click.echo(f"warning: {m}", err=True), reply_port=reply_port)
         engine.start()
+        if engine.audio_fallback:
+            click.echo(f"warning: audio {engine.audio_fallback}; playing on the null backend (no sound)", err=True)
+        if synth.bundle.fallback:
+            click.echo(f"warning: {synth.bundle.fallback}; running on CPU", err=True)
         h, p = server.address
         click.echo(f"pgesam listening on {h}:{p} (OSC/UDP); provider {synth.bundle.provider}, "
-                   f"audio {backend.describe()}", err=False)
+                   f"audio {engine.backend.describe()}", err=False)
         sys.stdout.flush()
         _serve_until_stopped(server, duration)
     finally:
         if server is not None:
             server.stop()
         engine.close()
-    click.echo(f"stopped; underruns {backend.underruns}, late bundles {engine.scheduler.late}")
+    left = [t.name for t in threading.enumerate() if t.name.startswith("pgesam") and t.is_alive()]
+    if left:
+        click.echo(f"warning: threads still running at exit: {', '.join(left)}", err=True)
+    click.echo(f"stopped; underruns {engine.backend.underruns}, late bundles {engine.scheduler.late}")
+
+
+def _open_audio(spec: str, sample_rate: int, blocksize: int, device: str | None, fallback: bool) -> object:
+    """The backend `spec` names; an unusable sound device (no PortAudio, no device) becomes null when allowed."""
+    dev = int(device) if device is not None and device.isdigit() else device
+    try:
+        return open_backend(spec, sample_rate, blocksize, dev)
+    except AudioError as e:
+        if spec != "sounddevice" or not fallback:
+            raise
+        click.echo(f"warning: {e}; playing on the null backend (no sound)", err=True)
+        return open_backend("null", sample_rate, blocksize)
 
 
 def _serve_until_stopped(server: object, duration: float | None) -> None:
+    """Run `server` until SIGINT/SIGTERM (or `duration` seconds), then give the signal handlers back."""
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    server.start()
-    stop.wait(duration)
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.start()
+        stop.wait(duration)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @cli.command()
@@ -238,6 +283,44 @@ def bench(synth: Synth, as_json: bool, repeats: int, notes: int, with_torch: boo
     report = run_bench(synth, repeats=repeats, notes=notes, with_torch=with_torch,
                        log=lambda s: click.echo(s, err=True))
     click.echo(json.dumps(report, indent=2) if as_json else markdown(report))
+
+
+@cli.command("web")
+@with_synth
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on (the page has no login)")
+@click.option("--port", type=click.IntRange(0, 65535), default=8130, show_default=True, help="TCP port (0: any)")
+@click.option("--audio", "audio_spec", default="null", show_default=True,
+              help="also play the page's notes on the engine's output: sounddevice or file:PATH (null: browser only)")
+@click.option("--cache-mb", type=click.FloatRange(0), default=256.0, show_default=True,
+              help="memory for prerendered timbres")
+@click.option("--allow-outside", is_flag=True, help="do not clamp timbre points onto the covered region")
+@click.option("--max-upload-mb", type=click.FloatRange(0.01, 1024), default=20.0, show_default=True,
+              help="largest audio file the page may upload")
+@click.option("--duration", type=float, default=None, help="stop after this many seconds")
+def web_page(synth: Synth, host: str, port: int, audio_spec: str, cache_mb: float, allow_outside: bool,
+             max_upload_mb: float, duration: float | None) -> None:
+    """Serve the timbre map as a web page: click a timbre, play keys (needs the `web` extra: aiohttp)."""
+    try:
+        from .web.server import WebServer
+    except ImportError as e:
+        raise click.ClickException(f"`pgesam web` needs aiohttp: pip install 'pgesam-rt[web]' ({e})") from e
+    from .web.api import WebApi, WebConfig
+    backend = open_backend(audio_spec, synth.m.sample_rate)
+    engine = Engine(synth, backend, EngineConfig(cache_mb=cache_mb, allow_outside=allow_outside))
+    server = None
+    try:
+        api = WebApi(engine, WebConfig(max_upload_mb=max_upload_mb, mirror=audio_spec != "null"))
+        server = WebServer(api, host, port)
+        engine.start()
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            click.echo(f"warning: serving on {host}: anyone who can reach it can use the page", err=True)
+        click.echo(f"pgesam web page at {server.url} ; provider {synth.bundle.provider}, audio {backend.describe()}")
+        sys.stdout.flush()
+        _serve_until_stopped(server, duration)
+    finally:
+        if server is not None:
+            server.stop()
+        engine.close()
 
 
 def main(argv: list[str] | None = None) -> None:

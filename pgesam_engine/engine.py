@@ -3,19 +3,27 @@
 Its public methods are the OSC handlers (osc.py only routes to them); they are plain methods, callable from
 tests or Python without any socket. Control methods run on the caller's thread and only hand events to the
 scheduler; `render_block` is the audio callback and never calls the model.
+
+Hardening (all limits in `EngineConfig`): the event queue and the number of notes generated at once are bounded
+(`EngineBusy` and a counter when full); an immediate all-off also cancels every bundle scheduled before it; file
+paths from clients can be confined to `output_dir` / `input_dir`; renders are written atomically; an audio device
+that fails to open, reports itself gone, or stops asking for blocks is replaced by the null backend (a warning,
+`audio_fallback` in the status) instead of stopping the instrument.
 """
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .audio import Backend
-from .scheduler import Scheduler
+from .audio import Backend, NullBackend, write_wav_atomic
+from .scheduler import Event, Scheduler
 from .synth import Encoded, Synth, SynthError
 from .timbre_cache import Prerenderer, Streamer, TimbreCache
 from .voices import ArraySource, StreamSource, VoicePool, soft_limit, velocity_gain
@@ -25,6 +33,10 @@ log = logging.getLogger("pgesam.engine")
 
 class EngineError(ValueError):
     """A request the engine refuses (out of range, missing file); the message is sent back as /pgesam/error."""
+
+
+class EngineBusy(EngineError):
+    """A note dropped because a bound was reached (event queue full, too many notes generating at once)."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,12 @@ class EngineConfig:
     default_timbre: tuple[float, float] = (0.0, 0.0)
     prerender_default: bool = True  # prerender the default timbre at start
     switch_interval_s: float = 0.0005  # Python's GIL hand-over interval while running (default 5 ms: jitter)
+    max_pending_events: int = 4096  # queued events (scheduled bundles included); more note-ons are dropped
+    max_streams: int | None = None  # uncached notes generated at once; None: max_voices; more are dropped
+    output_dir: str | None = None  # /pgesam/render writes only inside this folder (None: anywhere)
+    input_dir: str | None = None  # /pgesam/encode reads only inside this folder (None: anywhere)
+    audio_fallback: bool = True  # a failing audio device is replaced by the null backend instead of stopping
+    audio_stall_s: float = 2.0  # a started device that asks for no block this long counts as gone
 
 
 @dataclass(frozen=True)
@@ -78,9 +96,17 @@ class Engine:
                                        give_way=self.streamer.give_way)
         self.voices = VoicePool(self.sr, config.max_voices, config.release_s, config.steal_s,
                                 max_block=max(4096, backend.blocksize))
-        self.scheduler = Scheduler(backend.clock, backend.latency_samples)
+        self.scheduler = Scheduler(backend.clock, backend.latency_samples, max_pending=config.max_pending_events)
         self.timbre_point = self._point(*config.default_timbre)[:2]
         self.started = False
+        self.max_streams = config.max_streams or config.max_voices
+        self._streams: list[StreamSource] = []
+        self.dropped_streams = 0
+        self.audio_fallback = ""  # why the audio backend was replaced by null, if it was
+        self.status_sources: list = []  # callables -> dict merged into status() (the OSC server's counters)
+        self._generation = 0  # render callbacks of replaced backends are silenced by this
+        self._watch_stop = threading.Event()
+        self._watchdog: threading.Thread | None = None
 
     # ----------------------------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -91,18 +117,68 @@ class Engine:
         """
         if self.config.switch_interval_s:
             sys.setswitchinterval(self.config.switch_interval_s)
-        self.backend.start(self.render_block)
+        try:
+            self.backend.start(self._render_for(self._generation))
+        except Exception as e:  # no device, device busy, PortAudio missing: play on without sound
+            if not self.config.audio_fallback:
+                raise
+            self._fall_back(f"cannot start: {e}")
         self.scheduler.latency_samples = self.backend.latency_samples
         self.started = True
+        if not isinstance(self.backend, NullBackend) and self.config.audio_fallback:
+            self._watchdog = threading.Thread(target=self._watch_audio, name="pgesam-audio-watchdog", daemon=True)
+            self._watchdog.start()
         if self.config.prerender_default:
             self.prerenderer.request(self.timbre_point)
 
     def close(self) -> None:
+        self._watch_stop.set()
+        if self._watchdog is not None:
+            self._watchdog.join(timeout=2.0)
         if self.started:
             self.backend.stop()
             self.started = False
         self.streamer.close()
         self.prerenderer.close()
+
+    def _render_for(self, generation: int):
+        """The audio callback handed to a backend; silent once that backend has been replaced."""
+        def render(out: np.ndarray, start: int, wall: float) -> None:
+            if generation != self._generation:
+                out.fill(0.0)
+                return
+            self.render_block(out, start, wall)
+        return render
+
+    def _fall_back(self, reason: str) -> None:
+        """Replace the audio backend by the null one (same rate, block and clock timeline) and say why."""
+        old = self.backend
+        log.warning("audio backend %s failed: %s; falling back to the null backend: no sound, OSC keeps working",
+                    old.name, reason)
+        self._generation += 1
+        null = NullBackend(old.sample_rate, old.blocksize)
+        null.clock = old.clock  # queued timed events keep their samples
+        null.underruns, null.errors, null.blocks = old.underruns, old.errors, old.blocks
+        self.audio_fallback = f"{old.name}: {reason}"
+        self.backend = null
+        self.scheduler.latency_samples = null.latency_samples
+        null.start(self._render_for(self._generation))
+        threading.Thread(target=_stop_quietly, args=(old,), name="pgesam-audio-stop-old", daemon=True).start()
+
+    def _watch_audio(self) -> None:
+        """Fall back to null when the device says it is gone or has asked for no block for `audio_stall_s`."""
+        stall = self.config.audio_stall_s
+        last, since = -1, time.monotonic()
+        while not self._watch_stop.wait(min(0.25, stall / 4)):
+            b = self.backend
+            if isinstance(b, NullBackend):
+                return
+            now = time.monotonic()
+            if b.blocks != last:
+                last, since = b.blocks, now
+            if b.failed or now - since > stall:
+                self._fall_back(b.failed or f"no audio block for {now - since:.1f} s (device gone?)")
+                return
 
     # ----------------------------------------------------------------------------------------------- helpers
     def _point(self, x: float, y: float) -> tuple[float, float, bool]:
@@ -121,6 +197,24 @@ class Engine:
         if not float(pitch).is_integer() or not m.pitch_min <= pitch <= m.pitch_max:
             raise EngineError(f"pitch {pitch} is outside this model's MIDI range {m.pitch_min}-{m.pitch_max}")
         return int(pitch)
+
+    def _busy(self, what: str) -> EngineBusy:
+        s = self.scheduler
+        return EngineBusy(f"{what} dropped: {s.pending} events are queued (at most {s.max_pending}); "
+                          "send /pgesam/all_off to cancel scheduled bundles")
+
+    def _stream(self, kx: float, ky: float, pitch: int) -> StreamSource:
+        """A streamed note, unless `max_streams` notes are already being generated."""
+        live = [s for s in self._streams if not s.finished]
+        if len(live) >= self.max_streams:
+            self._streams = live
+            self.dropped_streams += 1
+            raise EngineBusy(f"note dropped: {len(live)} uncached notes are being generated already (at most "
+                             f"{self.max_streams}); send /pgesam/timbre first so that its notes are prerendered")
+        source = self.streamer.start_note((kx, ky), (kx, ky), pitch)
+        live.append(source)
+        self._streams = live
+        return source
 
     def _when(self, at: float | None, arrival: float | None) -> tuple[int, bool]:
         arrival = time.time() if arrival is None else arrival
@@ -151,46 +245,58 @@ class Engine:
             return (*self.timbre_point, False)
         kx, ky, moved = self._point(x, y) if x is not None else (*self.timbre_point, False)
         sample, timed = self._when(at, arrival)
+        if self.scheduler.pending >= self.scheduler.max_pending:  # refuse before any generation starts
+            self.scheduler.dropped += 1
+            raise self._busy("note")
         audio = self.cache.get(kx, ky, pitch)
-        source = ArraySource(audio) if audio is not None else self.streamer.start_note((kx, ky), (kx, ky), pitch)
+        source = ArraySource(audio) if audio is not None else self._stream(kx, ky, pitch)
         due = at if timed else (time.time() if arrival is None else arrival)
-        self.scheduler.submit(sample, NoteOn(pitch, velocity_gain(velocity, self.config.velocity_curve), source,
-                                             due), timed)
+        if self.scheduler.submit(sample, NoteOn(pitch, velocity_gain(velocity, self.config.velocity_curve), source,
+                                                due), timed) is None:
+            raise self._busy("note")
         return kx, ky, moved
 
     def note_off(self, pitch: float, at: float | None = None, arrival: float | None = None) -> None:
         """/pgesam/note_off: release every held voice of `pitch`."""
         pitch = self._pitch(pitch)
         sample, timed = self._when(at, arrival)
-        self.scheduler.submit(sample, NoteOff(pitch), timed)
+        if self.scheduler.submit(sample, NoteOff(pitch), timed, essential=True) is None:
+            raise self._busy("note-off")
 
     def all_off(self, at: float | None = None, arrival: float | None = None) -> None:
-        """/pgesam/all_off: release every voice."""
+        """/pgesam/all_off: release every voice. Without a timetag it also cancels every event sent before it,
+        bundles scheduled for later included (a panic button); a timetagged one only releases the voices."""
         sample, timed = self._when(at, arrival)
-        self.scheduler.submit(sample, ALL_OFF, timed)
+        if self.scheduler.submit(sample, ALL_OFF, timed, essential=True) is None:
+            raise self._busy("all-off")
 
     def render_note(self, x: float, y: float, pitch: float, path: str, velocity: float = 127) -> str:
         """/pgesam/render: write one whole note to a WAV file (float32, the bundle's rate) -> the path."""
-        import soundfile
         pitch = self._pitch(pitch)
-        target = Path(path).expanduser()
+        target = confine(path, self.config.output_dir, "render")
+        if target.suffix.lower() != ".wav":
+            raise EngineError(f"cannot write {_clip(path)}: the file name must end in .wav")
         if not target.parent.is_dir():
-            raise EngineError(f"cannot write {path}: folder {target.parent} does not exist")
+            raise EngineError(f"cannot write {_clip(path)}: folder {target.parent} does not exist")
         kx, ky, _ = self._point(x, y)
         audio = self.cache.get(kx, ky, pitch)
         if audio is None:
             audio = self.synth.render([[kx, ky]], [pitch])[0]
-        soundfile.write(str(target), audio * velocity_gain(velocity, self.config.velocity_curve), self.sr,
-                        subtype="FLOAT")
+        write_wav_atomic(target, audio * velocity_gain(velocity, self.config.velocity_curve), self.sr)
         return str(target)
 
     def encode_file(self, path: str) -> Encoded:
         """/pgesam/encode: an audio file -> its map point, pitch and nearest training instruments."""
         import soundfile
-        if not Path(path).expanduser().is_file():
-            raise EngineError(f"no audio file at {path}")
+        source = confine(path, self.config.input_dir, "encode")
         try:
-            audio, sr = soundfile.read(str(Path(path).expanduser()), dtype="float32")
+            found = source.is_file()
+        except OSError as e:  # e.g. a name too long
+            raise EngineError(f"cannot read {_clip(path)}: {e.strerror or e}") from e
+        if not found:
+            raise EngineError(f"no audio file at {_clip(path)}")
+        try:
+            audio, sr = soundfile.read(str(source), dtype="float32")
         except RuntimeError as e:
             raise EngineError(f"cannot read {path}: {e}") from e
         try:
@@ -208,7 +314,7 @@ class Engine:
         timed = self.voices.onset_stats(timed=True)
         first = self.streamer.first_chunk_ms[np.isfinite(self.streamer.first_chunk_ms)]
         cache = self.cache.state()
-        return {
+        out = {
             "provider": self.synth.bundle.provider, "step": self.synth.step_mode, "audio": self.backend.describe(),
             "voices": self.voices.active, "max_voices": self.config.max_voices,
             "timbre_x": self.timbre_point[0], "timbre_y": self.timbre_point[1],
@@ -221,7 +327,16 @@ class Engine:
             "jitter_ms": round(now.get("jitter_ms", -1.0), 3),
             "timed_error_ms_p99": round(timed.get("p99_ms", -1.0), 3),
             "stream_first_ms_p50": round(float(np.median(first)), 3) if len(first) else -1.0,
+            "provider_fallback": getattr(self.synth.bundle, "fallback", ""), "audio_fallback": self.audio_fallback,
+            "audio_blocks": self.backend.blocks, "pending_events": self.scheduler.pending,
+            "max_pending": self.scheduler.max_pending, "dropped_events": self.scheduler.dropped,
+            "cancelled_events": self.scheduler.cancelled,
+            "streams": sum(1 for s in self._streams if not s.finished), "max_streams": self.max_streams,
+            "dropped_streams": self.dropped_streams, **_memory_mb(),
         }
+        for source in list(self.status_sources):
+            out.update(source())
+        return out
 
     # ----------------------------------------------------------------------------------------------- audio thread
     def render_block(self, out: np.ndarray, start: int, wall: float) -> None:
@@ -234,16 +349,70 @@ class Engine:
             if offset > pos:
                 self.voices.render(out[pos:offset], start + pos, wall + pos / self.sr)
                 pos = offset
-            self._apply(ev.payload, ev.timed)
+            self._apply(ev)
         if pos < len(out):
             self.voices.render(out[pos:], start + pos, wall + pos / self.sr)
         out *= self.config.master_gain
         soft_limit(out, self.config.limiter_threshold)
 
-    def _apply(self, payload: object, timed: bool) -> None:
+    def _apply(self, ev: Event) -> None:
+        payload = ev.payload
         if isinstance(payload, NoteOn):
-            self.voices.note_on(payload.pitch, payload.gain, payload.source, payload.due, timed)
+            self.voices.note_on(payload.pitch, payload.gain, payload.source, payload.due, ev.timed)
         elif isinstance(payload, NoteOff):
             self.voices.note_off(payload.pitch)
         elif payload == ALL_OFF:
             self.voices.all_off()
+            if not ev.timed:  # the panic button: nothing sent before it plays any more
+                self.scheduler.cancel_before(ev.seq)
+
+
+def _clip(text: str, n: int = 120) -> str:
+    return text if len(text) <= n else text[:n] + f"... ({len(text)} characters)"
+
+
+def confine(path: str, root: str | Path | None, what: str) -> Path:
+    """A file path sent by a client -> the file it names; with `root`, only a file inside `root`.
+
+    Relative paths are taken from `root`; `..` is refused; symlinks are followed to where they really lead and
+    refused when that is outside `root`. Without `root` the path is used as given (`~` expanded).
+    """
+    if "\x00" in path:
+        raise EngineError(f"{what} path contains a NUL character")
+    if root is None:
+        return Path(path).expanduser()
+    p = Path(path)
+    if ".." in p.parts:
+        raise EngineError(f"{what} path {_clip(path)!r} is refused: it contains '..'")
+    base = Path(root).expanduser().resolve()
+    try:
+        full = (base / p).resolve()  # an absolute p replaces base
+    except (OSError, RuntimeError) as e:  # a name too long, a symlink loop
+        raise EngineError(f"{what} path {_clip(path)!r} cannot be resolved: {e}") from e
+    if not full.is_relative_to(base):
+        raise EngineError(f"{what} path {_clip(path)!r} is refused: it is (or links to a place) outside the "
+                          f"allowed folder {base}; give a path inside it")
+    return full
+
+
+def _stop_quietly(backend: Backend) -> None:
+    try:
+        backend.stop()
+    except Exception as e:  # a vanished device may fail to stop; it is replaced already
+        log.info("stopping the replaced %s backend failed: %s", backend.name, e)
+
+
+def _memory_mb() -> dict:
+    """Resident memory of this process now and at its peak, MB (Linux /proc and getrusage; -1 elsewhere)."""
+    now = peak = -1.0
+    try:
+        with open("/proc/self/statm") as f:
+            now = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+    except (ImportError, OSError):
+        pass
+    return {"rss_mb": round(now, 1), "peak_rss_mb": round(peak, 1)}

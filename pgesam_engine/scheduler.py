@@ -8,6 +8,9 @@ the handler until that time; we do not: the OSC thread converts the timetag to a
     immediate event sample = the clock's sample for the packet's arrival + `latency_samples` (one block, plus the
                     device's output latency): a constant delay instead of a jitter of up to one block
 Handover is a deque (append/popleft are atomic in CPython): the audio thread never waits on a lock.
+Bounded: at most `max_pending` queued events; past that new note-ons are refused (`dropped`), while note-offs and
+all-offs may use `reserve` more slots so that a full queue never strands a sounding note. `cancel_before(seq)`
+(an immediate all-off) drops every event submitted before it, future bundles included (`cancelled`).
 """
 from __future__ import annotations
 
@@ -66,15 +69,18 @@ class Event:
 class Scheduler:
     """Timed events between the control thread (`submit`) and the audio thread (`due`)."""
 
-    def __init__(self, clock: AudioClock, latency_samples: int, horizon_s: float = 60.0):
+    def __init__(self, clock: AudioClock, latency_samples: int, horizon_s: float = 60.0, max_pending: int = 4096,
+                 reserve: int = 1024):
         self.clock = clock
         self.latency_samples = latency_samples
         self.horizon_s = horizon_s
+        self.max_pending, self.reserve = max_pending, reserve
         self._inbox: deque[Event] = deque()
         self._heap: list[Event] = []
         self._seq = itertools.count()
         self.late = 0
         self.scheduled = 0
+        self.dropped = self.cancelled = 0
 
     def target(self, at: float | None, arrival: float) -> tuple[int, bool]:
         """Sample for an event asked for at wall time `at` (None: immediate) that arrived at `arrival`.
@@ -87,8 +93,15 @@ class Scheduler:
             raise ValueError(f"timetag is {at - arrival:.1f} s ahead; at most {self.horizon_s:.0f} s is accepted")
         return self.clock.sample_at(at), True
 
-    def submit(self, sample: int, payload: Any, timed: bool = False) -> Event:
-        """Queue `payload` for audio sample `sample` (any thread)."""
+    def submit(self, sample: int, payload: Any, timed: bool = False, essential: bool = False) -> Event | None:
+        """Queue `payload` for audio sample `sample` (any thread) -> the event, or None when the queue is full.
+
+        A full queue is `max_pending` events (`max_pending + reserve` for `essential` ones: note-offs, all-offs);
+        a refused event is counted in `dropped`.
+        """
+        if self.pending >= self.max_pending + (self.reserve if essential else 0):
+            self.dropped += 1
+            return None
         ev = Event(int(sample), next(self._seq), payload, timed)
         self._inbox.append(ev)
         self.scheduled += 1
@@ -119,6 +132,20 @@ class Scheduler:
     @property
     def pending(self) -> int:
         return len(self._heap) + len(self._inbox)
+
+    def cancel_before(self, seq: int) -> int:
+        """Drop every queued event submitted before event `seq`, and `seq` itself (audio thread only) -> how many
+        were dropped."""
+        inbox, heap = self._inbox, self._heap
+        while inbox:
+            heapq.heappush(heap, inbox.popleft())
+        keep = [ev for ev in heap if ev.seq > seq]
+        n = len(heap) - len(keep)
+        if n:
+            heapq.heapify(keep)
+            heap[:] = keep
+            self.cancelled += n
+        return n
 
     def clear(self) -> None:
         """Drop every queued event (audio thread, or when the audio is stopped)."""

@@ -5,7 +5,8 @@ frame with the self-attention cache kept as OrtValues bound with IOBinding, so t
 On CUDA the static-shape step (`decoder_step_static`) runs on fixed device buffers (two bindings used in turn, so
 input and output caches never alias), optionally captured as CUDA graphs. Audio comes from `codec_decoder` (whole
 notes) or `codec_decoder_stream` (a few frames at a time, state passed in and out explicitly).
-Only names and shapes from docs/bundle.md are used; nothing depends on what the graphs compute.
+Only names and shapes from docs/bundle.md are used; nothing depends on what the graphs compute. The cache tensors'
+names and axes come from the manifest's `kv_cache` (`CacheLayout`).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from .bundle import Bundle, BundleError
+from .bundle import Bundle, BundleError, Manifest
 
 log = logging.getLogger("pgesam.synth")
 STEP_MODES = ("auto", "dynamic", "static")
@@ -38,17 +39,63 @@ def _type_of(session: ort.InferenceSession, name: str) -> type:
     raise BundleError(f"graph has no input {name!r}; the bundle does not follow docs/bundle.md")
 
 
-class DynamicStepper:
-    """decoder_step with a growing cache: step p binds out_self_kv of step p-1 as in_self_kv, so the cache stays
-    an OrtValue on the device and never passes through numpy."""
+@dataclass(frozen=True)
+class CacheLayout:
+    """The attention cache as the manifest's `kv_cache` describes it (docs/bundle.md): the cross-attention tensors
+    transformer_encoder returns and the decoder steps take (`cross`), each self-attention cache input (`self_in`)
+    with the step output that replaces it (`self_out`), and the axes every one of these tensors is laid out along."""
+    axes: tuple[str, ...]
+    sizes: dict[str, int]  # heads, head_dim, encoder_length, max_length
+    cross: tuple[str, ...]
+    self_in: tuple[str, ...]
+    self_out: tuple[str, ...]
 
-    def __init__(self, session: ort.InferenceSession, cross_kv: ort.OrtValue, batch: int, dim: int, kv_shape: tuple,
-                 device: str):
-        self.session, self.device = session, device
+    @classmethod
+    def read(cls, kv: dict, where: str = "manifest.json") -> CacheLayout:
+        """From the manifest's kv_cache dict; BundleError when it does not describe per-tensor caches."""
+        missing = [k for k in ("layout", "cross", "self", "heads", "head_dim", "encoder_length", "max_length")
+                   if k not in kv]
+        axes = tuple(kv.get("layout", ()))
+        if missing or isinstance(kv["layout"], str) or {"batch", "length"} - set(axes):
+            raise BundleError(f"{where}: kv_cache does not name its cache tensors and axes (missing "
+                              f"{', '.join(missing) or 'layout axes'}); re-export the bundle with `pgesam-train "
+                              "export`")
+        sizes = {k: int(kv[k]) for k in ("heads", "head_dim", "encoder_length", "max_length")}
+        return cls(axes, sizes, tuple(kv["cross"]), tuple(i for i, _ in kv["self"]), tuple(o for _, o in kv["self"]))
+
+    def shape(self, batch: int, length: int) -> tuple[int, ...]:
+        """Shape of one cache tensor holding `length` positions for `batch` notes."""
+        dims = {**self.sizes, "batch": batch, "length": length}
+        return tuple(dims[axis] for axis in self.axes)
+
+    def zeros(self, names: Sequence[str], batch: int, length: int, rng: np.random.Generator | None = None
+              ) -> dict[str, np.ndarray]:
+        """name -> a float32 cache tensor of `length` positions: zeros, or standard normal with `rng`."""
+        shape = self.shape(batch, length)
+        return {n: (np.zeros(shape, np.float32) if rng is None else rng.standard_normal(shape).astype(np.float32))
+                for n in names}
+
+
+def cache_layout(manifest: Manifest) -> CacheLayout:
+    return CacheLayout.read(manifest.raw.get("kv_cache", {}))
+
+
+class DynamicStepper:
+    """decoder_step with a growing cache: step p binds the out_self_* of step p-1 as its in_self_*, so the cache
+    stays in OrtValues on the device and never passes through numpy.
+
+    cross: the cross-attention OrtValues by name (transformer_encoder's outputs).
+    """
+
+    def __init__(self, session: ort.InferenceSession, cross: dict[str, ort.OrtValue], batch: int, dim: int,
+                 layout: CacheLayout, device: str):
+        self.session, self.device, self.layout = session, device, layout
         self.io = session.io_binding()
-        self.io.bind_ortvalue_input("cross_kv", cross_kv)
+        for name, value in cross.items():
+            self.io.bind_ortvalue_input(name, value)
         self.frame = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, dim), np.float32), device)  # <BOS>
-        self.kv = ort.OrtValue.ortvalue_from_numpy(np.zeros(kv_shape, np.float32), device)  # P = 0
+        self.cache = [ort.OrtValue.ortvalue_from_numpy(a, device)
+                      for a in layout.zeros(layout.self_in, batch, 0).values()]  # P = 0
         self.positions: dict[int, ort.OrtValue] = {}
 
     def step(self, position: int) -> np.ndarray:
@@ -58,11 +105,13 @@ class DynamicStepper:
             pos = self.positions[position] = ort.OrtValue.ortvalue_from_numpy(np.array(position, np.int64))
         self.io.bind_ortvalue_input("frame", self.frame)
         self.io.bind_ortvalue_input("position", pos)
-        self.io.bind_ortvalue_input("in_self_kv", self.kv)
+        for name, value in zip(self.layout.self_in, self.cache):
+            self.io.bind_ortvalue_input(name, value)
         self.io.bind_output("next_frame", self.device)
-        self.io.bind_output("out_self_kv", self.device)
+        for name in self.layout.self_out:
+            self.io.bind_output(name, self.device)
         self.session.run_with_iobinding(self.io)
-        self.frame, self.kv = self.io.get_outputs()
+        self.frame, *self.cache = self.io.get_outputs()  # in binding order
         return self.frame.numpy()
 
 
@@ -74,25 +123,27 @@ class StaticStepper:
     gpu_graph_id -1, so a replay never uses another stepper's buffers), or "none" (session without CUDA graphs).
     """
 
-    def __init__(self, session: ort.InferenceSession, batch: int, dim: int, kv_shape: tuple, device: str,
+    def __init__(self, session: ort.InferenceSession, batch: int, dim: int, layout: CacheLayout, device: str,
                  graphs: str = "none"):
-        self.session, self.lock, self.device = session, threading.Lock(), device
+        self.session, self.lock, self.device, self.layout = session, threading.Lock(), device, layout
 
         def buf(shape: tuple, dtype: type = np.float32) -> ort.OrtValue:
             return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), device)
         self.position = buf((1,), np.int64)
         self.frames = (buf((batch, dim)), buf((batch, dim)))
-        kv = (buf(kv_shape), buf(kv_shape))
-        self.cross = None
+        shape = layout.shape(batch, layout.sizes["max_length"])
+        kv = [[buf(shape) for _ in layout.self_in] for _ in (0, 1)]
+        self.cross: dict[str, ort.OrtValue] = {}
         self.bindings = []
         self.run_options = []
         for parity in (0, 1):
             io = session.io_binding()
             io.bind_ortvalue_input("frame", self.frames[parity])
             io.bind_ortvalue_input("position", self.position)
-            io.bind_ortvalue_input("in_self_kv", kv[parity])
             io.bind_ortvalue_output("next_frame", self.frames[1 - parity])
-            io.bind_ortvalue_output("out_self_kv", kv[1 - parity])
+            for name_in, name_out, a, b in zip(layout.self_in, layout.self_out, kv[parity], kv[1 - parity]):
+                io.bind_ortvalue_input(name_in, a)
+                io.bind_ortvalue_output(name_out, b)
             self.bindings.append(io)
             ro = ort.RunOptions()
             if graphs != "none":
@@ -100,13 +151,14 @@ class StaticStepper:
             self.run_options.append(ro)
         self._zero_frame = np.zeros((batch, dim), np.float32)
 
-    def reset(self, cross_kv: ort.OrtValue) -> None:
-        """Start a new note batch: <BOS> frame, new cross K/V copied into the fixed buffer (device to device)."""
-        if self.cross is None:
-            self.cross = ort.OrtValue.ortvalue_from_shape_and_type(cross_kv.shape(), np.float32, self.device)
-            for io in self.bindings:
-                io.bind_ortvalue_input("cross_kv", self.cross)
-        self.cross.update_inplace(cross_kv)
+    def reset(self, cross: dict[str, ort.OrtValue]) -> None:
+        """Start a new note batch: <BOS> frame, new cross K/V copied into the fixed buffers (device to device)."""
+        for name, value in cross.items():
+            if name not in self.cross:
+                self.cross[name] = ort.OrtValue.ortvalue_from_shape_and_type(value.shape(), np.float32, self.device)
+                for io in self.bindings:
+                    io.bind_ortvalue_input(name, self.cross[name])
+            self.cross[name].update_inplace(value)
         self.frames[0].update_inplace(self._zero_frame)
 
     def step(self, position: int) -> np.ndarray:
@@ -160,6 +212,7 @@ class Synth:
         if step_mode not in STEP_MODES:
             raise ValueError(f"step mode must be one of {STEP_MODES}, got {step_mode!r}")
         self.bundle, self.m = bundle, bundle.manifest
+        self.layout = cache_layout(self.m)
         self.device = bundle.device
         if step_mode == "auto":
             step_mode = "static" if self.device == "cuda" and bundle.has("decoder_step_static") else "dynamic"
@@ -182,33 +235,34 @@ class Synth:
                              f"{self.m.pitch_min}-{self.m.pitch_max}")
         return z, p - self.m.pitch_min
 
-    def _cross_kv(self, z: np.ndarray, pitch_index: np.ndarray) -> ort.OrtValue:
+    def _cross_kv(self, z: np.ndarray, pitch_index: np.ndarray) -> dict[str, ort.OrtValue]:
+        """transformer_encoder on the device -> the cross-attention OrtValues by name."""
         sess = self.bundle.session("transformer_encoder")
         io = sess.io_binding()
         io.bind_cpu_input("z", z)
         io.bind_cpu_input("pitch_index", pitch_index)
-        io.bind_output("memory", self.device)
-        io.bind_output("cross_kv", self.device)
+        for name in ("memory", *self.layout.cross):
+            io.bind_output(name, self.device)
         sess.run_with_iobinding(io)
-        return io.get_outputs()[1]
+        return dict(zip(self.layout.cross, io.get_outputs()[1:]))
 
-    def _stepper(self, cross_kv: ort.OrtValue, batch: int) -> tuple[DynamicStepper | StaticStepper, Callable]:
+    def _stepper(self, cross: dict[str, ort.OrtValue], batch: int) -> tuple[DynamicStepper | StaticStepper, Callable]:
         """A stepper for this batch and the function that releases it."""
-        kv = self.m.kv
         if self.step_mode == "dynamic":
-            return DynamicStepper(self.bundle.session("decoder_step"), cross_kv, batch, self.m.dim,
-                                  kv.self_shape(batch, 0), self.device), lambda: None
-        sess, shape = self.bundle.session("decoder_step_static"), kv.self_shape(batch, kv.max_length)
+            return DynamicStepper(self.bundle.session("decoder_step"), cross, batch, self.m.dim, self.layout,
+                                  self.device), lambda: None
+        sess = self.bundle.session("decoder_step_static")
         graphs = "capture" if self.bundle.cuda_graph else "none"
         with self._static_lock:
             stepper = self._static.get(batch)
             if stepper is None:
-                stepper = self._static[batch] = StaticStepper(sess, batch, self.m.dim, shape, self.device, graphs)
+                stepper = self._static[batch] = StaticStepper(sess, batch, self.m.dim, self.layout, self.device,
+                                                              graphs)
         if not stepper.lock.acquire(blocking=False):  # in use by another thread: a private, uncaptured one
-            stepper = StaticStepper(sess, batch, self.m.dim, shape, self.device,
+            stepper = StaticStepper(sess, batch, self.m.dim, self.layout, self.device,
                                     "off" if self.bundle.cuda_graph else "none")
             stepper.lock.acquire()
-        stepper.reset(cross_kv)
+        stepper.reset(cross)
         return stepper, stepper.lock.release
 
     # ------------------------------------------------------------------------------------------- generation

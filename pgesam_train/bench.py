@@ -103,29 +103,34 @@ def torch_uncached(setup: BenchSetup, batch: int) -> Timing:
     return Timing("torch-uncached", batch, n, secs, f"estimated: forwards at every {stride}th length, interpolated")
 
 
-def _onnx_sessions(setup: BenchSetup) -> tuple[object, object, str]:
-    """(transformer_encoder session, decoder_step session, where they came from), made once per setup."""
+def _onnx_sessions(setup: BenchSetup) -> tuple[object, object, object, str]:
+    """(transformer_encoder session, decoder_step session, the cache layout, where they came from), made once
+    per setup."""
     if "onnx_sessions" in setup.extra:
         return setup.extra["onnx_sessions"]
+    import json
     import tempfile
 
     import onnxruntime as ort
 
     from export.decoder_step import decoder_step_spec
-    from export.manifest import export_graph
+    from export.manifest import MANIFEST, export_graph, kv_cache_section
     from export.transformer_encoder import transformer_encoder_spec
     from pgesam_engine.bundle import session_options
+    from pgesam_engine.synth import CacheLayout
     if setup.onnx_bundle is not None:
         folder, where = Path(setup.onnx_bundle), f"bundle {setup.onnx_bundle}"
+        layout = CacheLayout.read(json.loads((folder / MANIFEST).read_text())["kv_cache"])
     else:
         setup.extra["onnx_tmp"] = tempfile.TemporaryDirectory(prefix="pgesam-bench-")
         folder, where = Path(setup.extra["onnx_tmp"].name), "the timed model, exported"
         for spec in (transformer_encoder_spec(setup.model), decoder_step_spec(setup.model)):
             export_graph(spec, folder / spec.file, {"frames": str(setup.model.config.frames)})
+        layout = CacheLayout.read(kv_cache_section(setup.model.config))
     options = session_options(torch.get_num_threads(), cpu_only=True)
     sessions = tuple(ort.InferenceSession(str(folder / f"{name}.onnx"), options, providers=["CPUExecutionProvider"])
                      for name in ("transformer_encoder", "decoder_step"))
-    setup.extra["onnx_sessions"] = (*sessions, where)
+    setup.extra["onnx_sessions"] = (*sessions, layout, where)
     return setup.extra["onnx_sessions"]
 
 
@@ -134,15 +139,14 @@ def onnx_cached(setup: BenchSetup, batch: int) -> Timing:
     import onnxruntime as ort
 
     from pgesam_engine.synth import DynamicStepper
-    encoder, step, where = _onnx_sessions(setup)
+    encoder, step, layout, where = _onnx_sessions(setup)
     cfg = setup.model.config
     z, pitch = _inputs(setup, batch)
     feeds = {"z": z.numpy(), "pitch_index": (pitch - cfg.pitch_min).numpy()}
-    kv_shape = (cfg.n_decoder_layers, 2, batch, cfg.n_heads, 0, cfg.head_dim)
 
     def generate() -> None:
-        cross = ort.OrtValue.ortvalue_from_numpy(encoder.run(["cross_kv"], feeds)[0])
-        stepper = DynamicStepper(step, cross, batch, cfg.dim, kv_shape, "cpu")
+        cross = dict(zip(layout.cross, map(ort.OrtValue.ortvalue_from_numpy, encoder.run(list(layout.cross), feeds))))
+        stepper = DynamicStepper(step, cross, batch, cfg.dim, layout, "cpu")
         for p in range(setup.frames):
             stepper.step(p)
     secs = best_of(generate, setup.repeats)

@@ -4,12 +4,13 @@ Two ways, which give the same frames (tests hold them to 1e-5 in float32):
     generate_uncached   the whole encoder-decoder forward recomputed for every new frame, as the authors'
                         `generate()` does: O(T^2) work per note. The reference our speed-ups are measured against.
     generate_cached     the encoder once (`EncoderCall`), then one decoder step per frame with an explicit
-                        self-attention KV cache: growing (`DecoderStep`), preallocated (`StaticDecoderStep`),
+                        self-attention KV cache: growing (`DecoderStep`), preallocated (`DecoderStep(static=True)`),
                         or preallocated and written in place (eager torch's fast path).
-Every function is batched: row b of z and pitch is one note.
+Every function is batched: row b of z and pitch is one note. Caches are lists with one (keys, values) pair per
+decoder layer, each (B, H, length, hd) (`pgesam_train.transformer.KV`).
 
-`EncoderCall`, `DecoderStep` and `StaticDecoderStep` are the pure modules the ONNX export traces: state goes in
-and comes out, nothing is kept between calls.
+`EncoderCall` and `DecoderStep` are the pure modules the ONNX export traces: state goes in and comes out, nothing
+is kept between calls.
 """
 from __future__ import annotations
 
@@ -19,62 +20,58 @@ import torch
 from torch import nn
 
 from .config import TransformerConfig
-from .transformer import N_COND_TOKENS, TimbreTransformer
+from .transformer import KV, N_COND_TOKENS, TimbreTransformer
 
 
 class EncoderCall(nn.Module):
-    """(z (B, 2), pitch (B,) int64 MIDI) -> (memory (B, 3, d), cross_kv (L, 2, B, H, 3, hd))."""
+    """(z (B, 2), pitch (B,) int64 MIDI) -> (memory (B, 3, d), cross_kv: per layer keys, values (B, H, 3, hd))."""
 
     def __init__(self, model: TimbreTransformer):
         super().__init__()
         self.model = model
         self.train(model.training)  # a new Module starts in training mode; take the model's
 
-    def forward(self, z: torch.Tensor, pitch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, z: torch.Tensor, pitch: torch.Tensor) -> tuple[torch.Tensor, list[KV]]:
         memory = self.model.encode(z, pitch)
         return memory, self.model.cross_kv(memory)
 
 
 class DecoderStep(nn.Module):
-    """(frame (B, dim), position, self_kv (L, 2, B, H, P, hd), cross_kv) -> (next frame (B, dim), self_kv with P+1).
+    """(frame (B, dim), position, self_kv, cross_kv) -> (next frame (B, dim), self_kv after this position).
 
-    `position` is an int64 scalar or (B,), equal to P.
+    Growing cache (default): self_kv per layer (B, H, P, hd) x 2 -> (B, H, P+1, hd) x 2, `position` an int64
+    scalar or (B,) equal to P. static=True: a preallocated cache (B, H, frames, hd) x 2 per layer, written at
+    `position` () or (B,), same shapes out.
     """
 
-    def __init__(self, model: TimbreTransformer):
+    def __init__(self, model: TimbreTransformer, static: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.static = model, static
         self.train(model.training)  # a new Module starts in training mode; take the model's
 
-    def forward(self, frame: torch.Tensor, position: torch.Tensor, self_kv: torch.Tensor,
-                cross_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.decode_step(frame, position, self_kv, cross_kv)
+    def forward(self, frame: torch.Tensor, position: torch.Tensor, self_kv: list[KV], cross_kv: list[KV]
+                ) -> tuple[torch.Tensor, list[KV]]:
+        step = self.model.decode_step_static if self.static else self.model.decode_step
+        return step(frame, position, self_kv, cross_kv)
 
 
-class StaticDecoderStep(nn.Module):
-    """Like `DecoderStep`, with a preallocated self_kv (L, 2, B, H, frames, hd) written at `position` () or (B,)."""
-
-    def __init__(self, model: TimbreTransformer):
-        super().__init__()
-        self.model = model
-        self.train(model.training)  # a new Module starts in training mode; take the model's
-
-    def forward(self, frame: torch.Tensor, position: torch.Tensor, self_kv: torch.Tensor,
-                cross_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.decode_step_static(frame, position, self_kv, cross_kv)
+def cache_shape(cfg: TransformerConfig, batch: int, length: int) -> tuple[int, int, int, int]:
+    """(B, H, length, hd): one layer's keys or values, self-attention (length P) or cross-attention (3)."""
+    return (batch, cfg.n_heads, length, cfg.head_dim)
 
 
 def empty_cache(cfg: TransformerConfig, batch: int, static: bool = False, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A fresh self-attention cache: (L, 2, B, H, 0, hd), or (L, 2, B, H, frames, hd) of zeros when static."""
-    length = cfg.frames if static else 0
-    return torch.zeros(cfg.n_decoder_layers, 2, batch, cfg.n_heads, length, cfg.head_dim, device=device,
-                       dtype=dtype)
+                dtype: torch.dtype = torch.float32) -> list[KV]:
+    """A fresh self-attention cache, per layer (keys, values): (B, H, 0, hd), or (B, H, frames, hd) of zeros
+    when static."""
+    shape = cache_shape(cfg, batch, cfg.frames if static else 0)
+    return [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+            for _ in range(cfg.n_decoder_layers)]
 
 
-def cross_kv_shape(cfg: TransformerConfig, batch: int) -> tuple[int, ...]:
-    """(L, 2, B, H, 3, hd): the cross-attention keys/values `EncoderCall` returns."""
-    return (cfg.n_decoder_layers, 2, batch, cfg.n_heads, N_COND_TOKENS, cfg.head_dim)
+def cross_kv_shape(cfg: TransformerConfig, batch: int) -> tuple[int, int, int, int]:
+    """(B, H, 3, hd): each of the cross-attention keys and values `EncoderCall` returns per layer."""
+    return cache_shape(cfg, batch, N_COND_TOKENS)
 
 
 def conditioning(cfg: TransformerConfig, x: Sequence[float] | float, y: Sequence[float] | float,
@@ -134,17 +131,18 @@ def generate_cached(model: TimbreTransformer, z: torch.Tensor, pitch: torch.Tens
                     cache: str = "inplace") -> torch.Tensor:
     """KV-cached generation: z (B, 2), pitch (B,) MIDI -> frames (B, dim, n_frames), free-running from <BOS>.
 
-    cache: "dynamic" (`DecoderStep`, growing cache), "static" (`StaticDecoderStep`, preallocated cache) or
-    "inplace" (the preallocated cache written in place: eager torch's fastest).
+    cache: "dynamic" (`DecoderStep`, growing cache), "static" (`DecoderStep(static=True)`, preallocated cache)
+    or "inplace" (the preallocated cache written in place: eager torch's fastest).
     """
     if cache not in CACHE_MODES:
         raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
     cfg = model.config
     n = _check(model, pitch, n_frames)
     _, cross = EncoderCall(model)(z, pitch)
-    kv = empty_cache(cfg, z.shape[0], static=cache != "dynamic", device=z.device, dtype=cross.dtype)
-    frame = torch.zeros(z.shape[0], cfg.dim, device=z.device, dtype=cross.dtype)  # <BOS>
-    step = StaticDecoderStep(model) if cache == "static" else DecoderStep(model)
+    dtype = cross[0][0].dtype
+    kv = empty_cache(cfg, z.shape[0], static=cache != "dynamic", device=z.device, dtype=dtype)
+    frame = torch.zeros(z.shape[0], cfg.dim, device=z.device, dtype=dtype)  # <BOS>
+    step = DecoderStep(model, static=cache == "static")
     out = []
     for t in range(n):
         if cache == "inplace":

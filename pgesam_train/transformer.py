@@ -7,11 +7,15 @@ Decoder: codec frames through `Linear(dim, d)` + learned positional embedding (`
 Frames are normalised inside the model (per-channel mean, one global std: buffers set from the training split),
 so every method takes and returns raw codec embeddings, and <BOS> is a raw zero frame.
 
-Attention is written out so that its state is explicit:
-    self-attention cache  self_kv  (L, 2, B, H, P, hd)  keys/values of the P frames seen so far, one per layer
-    cross-attention K/V   cross_kv (L, 2, B, H, 3, hd)  computed once per note from the encoder output
-`decode_step` appends to a cache of growing length; `decode_step_static` writes into a preallocated
-(L, 2, B, H, frames, hd) cache at the position index, with no data-dependent control flow (CUDA graphs);
+Attention is written out so that its state is explicit, as one (keys, values) pair of tensors per decoder layer:
+    self-attention cache  self_kv   L x (k, v), each (B, H, P, hd)  keys/values of the P frames seen so far
+    cross-attention K/V   cross_kv  L x (k, v), each (B, H, 3, hd)  computed once per note from the encoder output
+The step methods take one position as (B, d) rows: with a single position (B, d) is (B, H, 1, hd) by a reshape,
+and per-layer tensors in the layout attention reads need no stacking, splitting or transposing in the exported
+graph (with one stacked (L, 2, B, H, P, hd) cache, those nodes took more of the ONNX step's time than its
+matrix products).
+`decode_step` appends to a cache of growing length; `decode_step_static` writes into a preallocated cache of
+`frames` slots at the position index, with no data-dependent control flow (CUDA graphs);
 `decode_step_inplace` mutates that preallocated cache, the fastest path in eager torch (not exportable as is).
 Decoding loops live in `pgesam_train.generate`.
 """
@@ -28,6 +32,7 @@ from .config import TransformerConfig, from_dict
 
 KIND = "transformer"  # checkpoint kind
 N_COND_TOKENS = 3  # x, y, pitch
+KV = tuple[torch.Tensor, torch.Tensor]  # one layer's (keys, values), each (B, H, length, hd)
 
 
 def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -42,14 +47,32 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, t, h * hd)
 
 
+def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one query position: q (B, H, 1, hd), k/v (B, H, P, hd), scale 1/sqrt(hd) (a python float, so
+    the graph holds a constant), additive bias (B or 1, 1, 1, P) or None -> (B, H, 1, hd). Exported as MatMul
+    (onnxruntime fuses the transpose and the scale into one FusedMatMul), Softmax, MatMul."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, 1, P)
+    if bias is not None:
+        scores = scores + bias
+    return torch.matmul(scores.softmax(dim=-1), v)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention (causal or not) whose keys/values can be cached and extended step by step."""
 
     def __init__(self, d_model: int, n_heads: int, dropout: float):
         super().__init__()
         self.n_heads, self.dropout = n_heads, dropout
+        self.d_model, self.head_dim = d_model, d_model // n_heads
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
+
+    def _step_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One position: x (B, d) -> q, k, v (B, H, 1, hd); a reshape, no transpose."""
+        q, k, v = self.qkv(x).split(self.d_model, dim=-1)  # 3 x (B, d); one Split node with constant sizes
+        shape = (-1, self.n_heads, 1, self.head_dim)
+        return q.reshape(shape), k.reshape(shape), v.reshape(shape)
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 x (B, T, d)
@@ -64,36 +87,35 @@ class SelfAttention(nn.Module):
 
     def step(self, x: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One new position. x (B, 1, d); past_k/v (B, H, P, hd) -> y (B, 1, d), k/v (B, H, P+1, hd)."""
-        q, k, v = self._qkv(x)  # (B, H, 1, hd)
+        """One new position. x (B, d); past_k/v (B, H, P, hd) -> y (B, d), k/v (B, H, P+1, hd)."""
+        q, k, v = self._step_qkv(x)  # (B, H, 1, hd)
         k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, H, P+1, hd)
-        y = F.scaled_dot_product_attention(q, k, v)  # the newest position sees all cached ones
-        return self.proj(_merge(y)), k, v
+        y = _attend_one(q, k, v, self.head_dim ** -0.5)  # the newest position sees all cached ones
+        return self.proj(y.reshape(-1, self.d_model)), k, v
 
     def step_static(self, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, write: torch.Tensor,
-                    valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One new position written into a fixed-size cache.
 
         Args:
-            x: (B, 1, d).
+            x: (B, d).
             cache_k, cache_v: (B, H, Tmax, hd); slots at and after the position hold anything.
-            write: bool (B or 1, 1, Tmax, 1), true at the slot of this position.
-            valid: bool (B or 1, 1, 1, Tmax), true at slots up to and including this position.
-        Returns: y (B, 1, d) and the updated caches (B, H, Tmax, hd).
+            write: int64 (B, H, 1, hd), the slot of this position, repeated (`scatter` index).
+            bias: (B or 1, 1, 1, Tmax), 0 at slots up to and including this position, -inf after.
+        Returns: y (B, d) and the updated caches (B, H, Tmax, hd).
         """
-        q, k, v = self._qkv(x)  # (B, H, 1, hd)
-        cache_k = torch.where(write, k, cache_k)  # (B, H, Tmax, hd)
-        cache_v = torch.where(write, v, cache_v)
-        y = F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=valid)
-        return self.proj(_merge(y)), cache_k, cache_v
+        q, k, v = self._step_qkv(x)  # (B, H, 1, hd)
+        cache_k, cache_v = cache_k.scatter(2, write, k), cache_v.scatter(2, write, v)  # (B, H, Tmax, hd)
+        y = _attend_one(q, cache_k, cache_v, self.head_dim ** -0.5, bias)
+        return self.proj(y.reshape(-1, self.d_model)), cache_k, cache_v
 
-    def step_inplace(self, x: torch.Tensor, cache: torch.Tensor, t: int) -> torch.Tensor:
-        """Eager-only fast path: x (B, 1, d); writes k/v into slot t of cache (2, B, H, Tmax, hd) -> y (B, 1, d)."""
-        q, k, v = self._qkv(x)  # (B, H, 1, hd)
-        cache[0, :, :, t] = k[:, :, 0]
-        cache[1, :, :, t] = v[:, :, 0]
-        y = F.scaled_dot_product_attention(q, cache[0, :, :, :t + 1], cache[1, :, :, :t + 1])
-        return self.proj(_merge(y))
+    def step_inplace(self, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, t: int) -> torch.Tensor:
+        """Eager-only fast path: x (B, d); writes k/v into slot t of cache_k/v (B, H, Tmax, hd) -> y (B, d)."""
+        q, k, v = self._step_qkv(x)  # (B, H, 1, hd)
+        cache_k[:, :, t] = k[:, :, 0]
+        cache_v[:, :, t] = v[:, :, 0]
+        y = _attend_one(q, cache_k[:, :, :t + 1], cache_v[:, :, :t + 1], self.head_dim ** -0.5)
+        return self.proj(y.reshape(-1, self.d_model))
 
 
 class CrossAttention(nn.Module):
@@ -102,21 +124,27 @@ class CrossAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, dropout: float):
         super().__init__()
         self.n_heads, self.dropout = n_heads, dropout
+        self.d_model, self.head_dim = d_model, d_model // n_heads
         self.q = nn.Linear(d_model, d_model)
         self.kv = nn.Linear(d_model, 2 * d_model)
         self.proj = nn.Linear(d_model, d_model)
 
-    def memory_kv(self, memory: torch.Tensor) -> torch.Tensor:
-        """memory (B, S, d) -> stacked keys/values (2, B, H, S, hd)."""
+    def memory_kv(self, memory: torch.Tensor) -> KV:
+        """memory (B, S, d) -> keys, values (B, H, S, hd)."""
         k, v = self.kv(memory).chunk(2, dim=-1)  # 2 x (B, S, d)
-        return torch.stack([_heads(k, self.n_heads), _heads(v, self.n_heads)])
+        return _heads(k, self.n_heads), _heads(v, self.n_heads)
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-        """x (B, T, d), kv (2, B, H, S, hd) -> (B, T, d)."""
+    def forward(self, x: torch.Tensor, kv: KV) -> torch.Tensor:
+        """x (B, T, d), kv: keys, values (B, H, S, hd) -> (B, T, d)."""
         q = _heads(self.q(x), self.n_heads)  # (B, H, T, hd)
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, kv[0], kv[1], dropout_p=p)
         return self.proj(_merge(y))
+
+    def step(self, x: torch.Tensor, kv: KV) -> torch.Tensor:
+        """One position: x (B, d), kv: keys, values (B, H, S, hd) -> (B, d)."""
+        q = self.q(x).reshape(-1, self.n_heads, 1, self.head_dim)  # (B, H, 1, hd)
+        return self.proj(_attend_one(q, kv[0], kv[1], self.head_dim ** -0.5).reshape(-1, self.d_model))
 
 
 class FeedForward(nn.Module):
@@ -155,30 +183,33 @@ class DecoderLayer(nn.Module):
         self.ff = FeedForward(d, cfg.d_ff, cfg.dropout)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def _rest(self, x: torch.Tensor, cross_kv: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cross_kv: KV) -> torch.Tensor:
+        """x (B, T, d), cross_kv: keys, values (B, H, S, hd) -> (B, T, d); the whole sequence at once (teacher
+        forcing)."""
+        x = x + self.drop(self.attn(self.ln1(x), causal=True))
         x = x + self.drop(self.cross(self.ln2(x), cross_kv))
         return x + self.ff(self.ln3(x))
 
-    def forward(self, x: torch.Tensor, cross_kv: torch.Tensor) -> torch.Tensor:
-        """x (B, T, d), cross_kv (2, B, H, S, hd) -> (B, T, d); the whole sequence at once (teacher forcing)."""
-        x = x + self.drop(self.attn(self.ln1(x), causal=True))
-        return self._rest(x, cross_kv)
+    def _step_rest(self, x: torch.Tensor, cross_kv: KV) -> torch.Tensor:
+        """Cross-attention and feed-forward of one position (eval mode: no dropout): x (B, d) -> (B, d)."""
+        x = x + self.cross.step(self.ln2(x), cross_kv)
+        return x + self.ff(self.ln3(x))
 
-    def step(self, x: torch.Tensor, self_kv: torch.Tensor, cross_kv: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, 1, d), self_kv (2, B, H, P, hd) -> x (B, 1, d), self_kv (2, B, H, P+1, hd)."""
-        y, k, v = self.attn.step(self.ln1(x), self_kv[0], self_kv[1])
-        return self._rest(x + y, cross_kv), torch.stack([k, v])
+    def step(self, x: torch.Tensor, self_kv: KV, cross_kv: KV) -> tuple[torch.Tensor, KV]:
+        """x (B, d), self_kv (B, H, P, hd) x 2 -> x (B, d), self_kv (B, H, P+1, hd) x 2."""
+        y, k, v = self.attn.step(self.ln1(x), *self_kv)
+        return self._step_rest(x + y, cross_kv), (k, v)
 
-    def step_static(self, x: torch.Tensor, self_kv: torch.Tensor, cross_kv: torch.Tensor, write: torch.Tensor,
-                    valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, 1, d), self_kv (2, B, H, Tmax, hd) -> x (B, 1, d), self_kv (2, B, H, Tmax, hd)."""
-        y, k, v = self.attn.step_static(self.ln1(x), self_kv[0], self_kv[1], write, valid)
-        return self._rest(x + y, cross_kv), torch.stack([k, v])
+    def step_static(self, x: torch.Tensor, self_kv: KV, cross_kv: KV, write: torch.Tensor, bias: torch.Tensor
+                    ) -> tuple[torch.Tensor, KV]:
+        """x (B, d), self_kv (B, H, Tmax, hd) x 2 -> x (B, d), self_kv (B, H, Tmax, hd) x 2 (see
+        `SelfAttention.step_static`)."""
+        y, k, v = self.attn.step_static(self.ln1(x), *self_kv, write, bias)
+        return self._step_rest(x + y, cross_kv), (k, v)
 
-    def step_inplace(self, x: torch.Tensor, self_kv: torch.Tensor, cross_kv: torch.Tensor, t: int) -> torch.Tensor:
-        """x (B, 1, d); self_kv (2, B, H, Tmax, hd) is written at slot t -> x (B, 1, d)."""
-        return self._rest(x + self.attn.step_inplace(self.ln1(x), self_kv, t), cross_kv)
+    def step_inplace(self, x: torch.Tensor, self_kv: KV, cross_kv: KV, t: int) -> torch.Tensor:
+        """x (B, d); self_kv (B, H, Tmax, hd) x 2 is written at slot t -> x (B, d)."""
+        return self._step_rest(x + self.attn.step_inplace(self.ln1(x), *self_kv, t), cross_kv)
 
 
 class TimbreTransformer(nn.Module):
@@ -242,12 +273,12 @@ class TimbreTransformer(nn.Module):
             x = layer(x)
         return self.enc_norm(x)
 
-    def cross_kv(self, memory: torch.Tensor) -> torch.Tensor:
-        """memory (B, S, d) -> cross-attention keys/values of every decoder layer (L, 2, B, H, S, hd)."""
-        return torch.stack([layer.cross.memory_kv(memory) for layer in self.decoder])
+    def cross_kv(self, memory: torch.Tensor) -> list[KV]:
+        """memory (B, S, d) -> cross-attention keys, values (B, H, S, hd) of every decoder layer."""
+        return [layer.cross.memory_kv(memory) for layer in self.decoder]
 
     # ------------------------------------------------------------------------------------------ decoder
-    def decode(self, frames: torch.Tensor, cross_kv: torch.Tensor) -> torch.Tensor:
+    def decode(self, frames: torch.Tensor, cross_kv: list[KV]) -> torch.Tensor:
         """Teacher forcing. frames (B, T, dim) = <BOS> then frames 0..T-2 -> predictions of frames 0..T-1 (B, T, dim)."""
         t = frames.shape[1]
         if t > self.config.frames:
@@ -262,52 +293,54 @@ class TimbreTransformer(nn.Module):
         return self.decode(frames, self.cross_kv(self.encode(z, pitch)))
 
     def _step_input(self, frame: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """frame (B, dim), position () or (B,) -> decoder input (B, 1, d)."""
-        return (self._frames_in(frame) + self.pos(position)).unsqueeze(1)
+        """frame (B, dim), position () or (B,) -> decoder input (B, d)."""
+        return self._frames_in(frame) + self.pos(position)
 
-    def decode_step(self, frame: torch.Tensor, position: torch.Tensor, self_kv: torch.Tensor,
-                    cross_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_step(self, frame: torch.Tensor, position: torch.Tensor, self_kv: list[KV], cross_kv: list[KV]
+                    ) -> tuple[torch.Tensor, list[KV]]:
         """One step with a growing cache.
 
         Args:
             frame: (B, dim) decoder input at `position` (zeros = <BOS> at position 0).
             position: int64 () or (B,); equals P, the cache length.
-            self_kv: (L, 2, B, H, P, hd).
-            cross_kv: (L, 2, B, H, 3, hd) from `cross_kv`.
-        Returns: the predicted next frame (B, dim) and self_kv (L, 2, B, H, P+1, hd).
+            self_kv: per layer (keys, values), each (B, H, P, hd).
+            cross_kv: per layer (keys, values), each (B, H, 3, hd), from `cross_kv`.
+        Returns: the predicted next frame (B, dim) and self_kv with P+1 positions.
         """
-        x = self._step_input(frame, position)
+        x = self._step_input(frame, position)  # (B, d)
         new = []
         for layer, kv, ckv in zip(self.decoder, self_kv, cross_kv):
             x, kv = layer.step(x, kv, ckv)
             new.append(kv)
-        return self._frames_out(x)[:, 0], torch.stack(new)
+        return self._frames_out(x), new
 
-    def decode_step_static(self, frame: torch.Tensor, position: torch.Tensor, self_kv: torch.Tensor,
-                           cross_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step with a preallocated cache self_kv (L, 2, B, H, frames, hd), written at `position` () or (B,).
+    def decode_step_static(self, frame: torch.Tensor, position: torch.Tensor, self_kv: list[KV],
+                           cross_kv: list[KV]) -> tuple[torch.Tensor, list[KV]]:
+        """One step with a preallocated cache (per layer keys, values (B, H, Tmax, hd)), written at `position`
+        () or (B,) (one per row).
 
         Same result as `decode_step`; shapes never change and nothing branches on data.
         """
-        x = self._step_input(frame, position)
-        slots = torch.arange(self_kv.shape[4], device=frame.device)  # (Tmax,)
-        pos = position.reshape(-1, 1)  # (B or 1, 1)
-        write = (slots == pos)[:, None, :, None]  # (B|1, 1, Tmax, 1)
-        valid = (slots <= pos)[:, None, None, :]  # (B|1, 1, 1, Tmax)
+        x = self._step_input(frame, position)  # (B, d)
+        cache_k = self_kv[0][0]  # (B, H, Tmax, hd)
+        pos = position.reshape(-1, 1, 1, 1)  # (B or 1, 1, 1, 1)
+        write = pos.expand(frame.shape[0], cache_k.shape[1], 1, cache_k.shape[3])  # (B, H, 1, hd)
+        slots = torch.arange(cache_k.shape[2], device=frame.device)  # (Tmax,)
+        bias = torch.where(slots <= pos, 0.0, float("-inf")).to(x.dtype)  # (B or 1, 1, 1, Tmax)
         new = []
         for layer, kv, ckv in zip(self.decoder, self_kv, cross_kv):
-            x, kv = layer.step_static(x, kv, ckv, write, valid)
+            x, kv = layer.step_static(x, kv, ckv, write, bias)
             new.append(kv)
-        return self._frames_out(x)[:, 0], torch.stack(new)
+        return self._frames_out(x), new
 
-    def decode_step_inplace(self, frame: torch.Tensor, t: int, self_kv: torch.Tensor,
-                            cross_kv: torch.Tensor) -> torch.Tensor:
+    def decode_step_inplace(self, frame: torch.Tensor, t: int, self_kv: list[KV], cross_kv: list[KV]
+                            ) -> torch.Tensor:
         """Eager torch's fast path (not for export): like `decode_step_static` at python int position t, but
-        writes into self_kv (L, 2, B, H, frames, hd) in place and attends over slots 0..t only -> (B, dim)."""
+        writes into self_kv (per layer (B, H, frames, hd) x 2) in place and attends over slots 0..t only -> (B, dim)."""
         x = self._step_input(frame, torch.tensor(t, device=frame.device))
         for layer, kv, ckv in zip(self.decoder, self_kv, cross_kv):
             x = layer.step_inplace(x, kv, ckv, t)
-        return self._frames_out(x)[:, 0]
+        return self._frames_out(x)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -1,11 +1,13 @@
 """A tiny model bundle that follows docs/bundle.md exactly, built from hand-written ONNX graphs (no torch).
 
 The graphs are small but honest, so the engine's runtime logic is really exercised:
-    transformer_encoder   cross_kv carries (z_x, z_y, f0/1000) of each note, f0 from the MIDI pitch
-    decoder_step          a linear recurrence that appends one entry per step to the self-attention cache and reads
-                          the whole cache back (channel 4 = 0.01 * sum of channel 1 over every cached frame), so a
-                          runtime that drops, copies wrongly or resets the cache gives different frames
-    decoder_step_static   the same recurrence on a preallocated cache written at `position`
+    transformer_encoder   cross_k{i}/cross_v{i} carry (z_x, z_y, f0/1000) of each note, f0 from the MIDI pitch,
+                          scaled differently per tensor; the steps read the last layer's values
+    decoder_step          a linear recurrence that appends one entry per step to each of the 2L per-layer cache
+                          tensors (tensor j gets the entry times j + 1) and reads them all back (channel 4 = 0.01 *
+                          sum of channel 1 over every cached frame, each tensor divided by its own factor), so a
+                          runtime that drops, copies wrongly, swaps or resets a cache tensor gives different frames
+    decoder_step_static   the same recurrence on preallocated caches written at `position`
     codec_decoder(_stream) a harmonic oscillator: channel 0 = f0/1000, channels 1-3 = amplitudes of harmonics 1-3;
                           the streaming graph carries the oscillator phase as its state (`in_phase`/`out_phase`)
     codec_encoder         per-frame zero-crossing rate and RMS;  vae_encoder: a point from them, pitch logits
@@ -77,7 +79,7 @@ class _G:
         g = helper.make_graph(self.nodes, graph, inputs, outputs, self.inits)
         m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="engine_fixtures")
         m.ir_version = 8
-        meta = {"pgesam_format": "pgesam-bundle", "pgesam_version": "1", "graph": graph, "sample_rate": str(SR),
+        meta = {"pgesam_format": "pgesam-bundle", "pgesam_version": "2", "graph": graph, "sample_rate": str(SR),
                 "frame_rate": str(SR // HOP), "frames": str(frames), "pitch_min": str(PITCH_MIN),
                 "pitch_max": str(PITCH_MAX)}
         helper.set_model_props(m, meta)
@@ -90,7 +92,15 @@ def _vi(name: str, dtype: int, shape: list) -> onnx.ValueInfoProto:
 
 
 F, I64 = TensorProto.FLOAT, TensorProto.INT64
-KV_DYN = [LAYERS, 2, "B", HEADS, "P", HEAD_DIM]
+KV_LAYOUT = ["batch", "heads", "length", "head_dim"]
+CROSS = [f"cross_{kv}{i}" for i in range(LAYERS) for kv in "kv"]
+SELF_IN = [f"in_self_{kv}{i}" for i in range(LAYERS) for kv in "kv"]
+SELF_OUT = [f"out_self_{kv}{i}" for i in range(LAYERS) for kv in "kv"]
+
+
+def _cross_scale(j: int) -> float:
+    """Cross tensor j (cross_k0, cross_v0, cross_k1, ...) holds the conditioning times this."""
+    return (j + 1.0) * (-1.0) ** j
 
 
 def transformer_encoder(frames: int) -> onnx.ModelProto:
@@ -98,24 +108,27 @@ def transformer_encoder(frames: int) -> onnx.ModelProto:
     midi = g.op("Add", g.op("Cast", "pitch_index", to=F), g.const(PITCH_MIN - 69.0))
     f0 = g.op("Mul", g.op("Pow", g.const(2.0), g.op("Div", midi, g.const(12.0))), g.const(440.0 / 1000.0))
     v = g.op("Concat", "z", g.op("Unsqueeze", f0, g.const([1], np.int64)), axis=1)  # (B, 3)
-    g.op("Expand", g.op("Reshape", v, g.const([1, 1, -1, 1, ENC_LEN, 1], np.int64)),
-         g.const([LAYERS, 2, 1, HEADS, 1, HEAD_DIM], np.int64), out="cross_kv")
+    base = g.op("Expand", g.op("Reshape", v, g.const([-1, 1, ENC_LEN, 1], np.int64)),
+                g.const([1, HEADS, 1, HEAD_DIM], np.int64))  # (B, H, 3, hd)
+    for j, name in enumerate(CROSS):
+        g.op("Mul", base, g.const(_cross_scale(j)), out=name)
     g.op("Expand", g.op("Reshape", v, g.const([-1, ENC_LEN, 1], np.int64)),
          g.const([1, 1, HEADS * HEAD_DIM], np.int64), out="memory")
     return g.model("transformer_encoder", [_vi("z", F, ["B", 2]), _vi("pitch_index", I64, ["B"])],
                    [_vi("memory", F, ["B", ENC_LEN, HEADS * HEAD_DIM]),
-                    _vi("cross_kv", F, [LAYERS, 2, "B", HEADS, ENC_LEN, HEAD_DIM])], frames)
+                    *(_vi(n, F, ["B", HEADS, ENC_LEN, HEAD_DIM]) for n in CROSS)], frames)
 
 
-def _step_body(g: _G, position_is_zero: str) -> tuple[str, str, str, str]:
-    """Shared recurrence -> (conditioning (B, 3), new amplitude (B,), new cache entry (L, 2, B, H, 1, hd), frame)."""
-    cond = g.pick(g.pick(g.pick(g.pick("cross_kv", 0, 0), 0, 0), 0, 1), 0, 2)  # (B, 3): z_x, z_y, f0/1000
+def _step_body(g: _G, position_is_zero: str) -> tuple[str, str, list[str]]:
+    """Shared recurrence -> (conditioning (B, 3), new amplitude (B,), the new entry of each cache (B, H, 1, hd))."""
+    last = len(CROSS) - 1
+    cond = g.op("Mul", g.pick(g.pick(CROSS[last], 0, 1), 0, 2), g.const(1.0 / _cross_scale(last)))  # (B, 3)
     onset = g.op("Cast", position_is_zero, to=F)
     amp = g.op("Add", g.op("Mul", g.channel("frame", 1), g.const(0.985)), g.op("Mul", onset, g.const(0.8)))
     head = g.op("Slice", "frame", g.const([0], np.int64), g.const([HEAD_DIM], np.int64), g.const([1], np.int64))
-    entry = g.op("Expand", g.op("Reshape", head, g.const([1, 1, -1, 1, 1, HEAD_DIM], np.int64)),
-                 g.const([LAYERS, 2, 1, HEADS, 1, 1], np.int64))
-    return cond, amp, entry, head
+    entry = g.op("Expand", g.op("Reshape", head, g.const([-1, 1, 1, HEAD_DIM], np.int64)),
+                 g.const([1, HEADS, 1, 1], np.int64))  # (B, H, 1, hd)
+    return cond, amp, [g.op("Mul", entry, g.const(j + 1.0)) for j in range(len(SELF_IN))]
 
 
 def _next_frame(g: _G, cond: str, amp: str, hist: str) -> None:
@@ -133,39 +146,45 @@ def _next_frame(g: _G, cond: str, amp: str, hist: str) -> None:
          col(harmonic(g.channel(cond, 1))), col(g.op("Mul", hist, g.const(0.01))), rest, axis=1, out="next_frame")
 
 
-def _cache_channel(g: _G, kv: str) -> str:
-    """kv[0, 0, :, 0, :, 1] -> (B, length)."""
-    return g.pick(g.pick(g.pick(g.pick(kv, 0, 0), 0, 0), 0, 1), 1, 2)
+def _cache_sum(g: _G, weight: str | None = None) -> str:
+    """Mean over the cache tensors of (sum over positions of out[:, 0, :, 1], optionally weighted) / (j + 1) -> (B,)."""
+    sums = []
+    for j, name in enumerate(SELF_OUT):
+        channel = g.pick(g.pick(name, 0, 1), 1, 2)  # (B, length)
+        if weight is not None:
+            channel = g.op("Mul", channel, weight)
+        sums.append(g.op("Mul", g.op("ReduceSum", channel, g.const([1], np.int64), keepdims=0),
+                         g.const(1.0 / ((j + 1.0) * len(SELF_OUT)))))
+    return g.op("Sum", *sums)
 
 
 def decoder_step(frames: int) -> onnx.ModelProto:
     g = _G()
-    cond, amp, entry, _ = _step_body(g, g.op("Equal", "position", g.const(0, np.int64)))
-    g.op("Concat", "in_self_kv", entry, axis=4, out="out_self_kv")
-    hist = g.op("ReduceSum", _cache_channel(g, "out_self_kv"), g.const([1], np.int64), keepdims=0)
-    _next_frame(g, cond, amp, hist)
+    cond, amp, entries = _step_body(g, g.op("Equal", "position", g.const(0, np.int64)))
+    for name_in, name_out, entry in zip(SELF_IN, SELF_OUT, entries):
+        g.op("Concat", name_in, entry, axis=2, out=name_out)
+    _next_frame(g, cond, amp, _cache_sum(g))
     return g.model("decoder_step", [_vi("frame", F, ["B", DIM]), _vi("position", I64, []),
-                                    _vi("cross_kv", F, [LAYERS, 2, "B", HEADS, ENC_LEN, HEAD_DIM]),
-                                    _vi("in_self_kv", F, KV_DYN)],
-                   [_vi("next_frame", F, ["B", DIM]), _vi("out_self_kv", F, KV_DYN[:4] + ["P1", HEAD_DIM])],
+                                    *(_vi(n, F, ["B", HEADS, ENC_LEN, HEAD_DIM]) for n in CROSS),
+                                    *(_vi(n, F, ["B", HEADS, "P", HEAD_DIM]) for n in SELF_IN)],
+                   [_vi("next_frame", F, ["B", DIM]), *(_vi(n, F, ["B", HEADS, "P1", HEAD_DIM]) for n in SELF_OUT)],
                    frames)
 
 
 def decoder_step_static(frames: int) -> onnx.ModelProto:
     g = _G()
-    cond, amp, entry, _ = _step_body(g, g.op("Equal", "position", g.const([0], np.int64)))
+    cond, amp, entries = _step_body(g, g.op("Equal", "position", g.const([0], np.int64)))
     slots = g.const(np.arange(frames), np.int64)
-    write = g.op("Reshape", g.op("Equal", slots, "position"), g.const([1, 1, 1, 1, frames, 1], np.int64))
-    g.op("Where", write, entry, "in_self_kv", out="out_self_kv")
+    write = g.op("Reshape", g.op("Equal", slots, "position"), g.const([1, 1, frames, 1], np.int64))
+    for name_in, name_out, entry in zip(SELF_IN, SELF_OUT, entries):
+        g.op("Where", write, entry, name_in, out=name_out)
     valid = g.op("Cast", g.op("LessOrEqual", slots, "position"), to=F)  # (frames,)
-    hist = g.op("ReduceSum", g.op("Mul", _cache_channel(g, "out_self_kv"), valid), g.const([1], np.int64),
-                keepdims=0)
-    _next_frame(g, cond, amp, hist)
-    kv = [LAYERS, 2, "B", HEADS, frames, HEAD_DIM]
+    _next_frame(g, cond, amp, _cache_sum(g, valid))
+    kv = ["B", HEADS, frames, HEAD_DIM]
     return g.model("decoder_step_static", [_vi("frame", F, ["B", DIM]), _vi("position", I64, [1]),
-                                           _vi("cross_kv", F, [LAYERS, 2, "B", HEADS, ENC_LEN, HEAD_DIM]),
-                                           _vi("in_self_kv", F, kv)],
-                   [_vi("next_frame", F, ["B", DIM]), _vi("out_self_kv", F, kv)], frames)
+                                           *(_vi(n, F, ["B", HEADS, ENC_LEN, HEAD_DIM]) for n in CROSS),
+                                           *(_vi(n, F, kv) for n in SELF_IN)],
+                   [_vi("next_frame", F, ["B", DIM]), *(_vi(n, F, kv) for n in SELF_OUT)], frames)
 
 
 def codec_decoder(frames: int, stream: bool) -> onnx.ModelProto:
@@ -252,10 +271,11 @@ def build_bundle(out: Path, frames: int = 300, with_static: bool = True) -> Path
         graphs[name] = {"file": f"{name}.onnx", "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
                         "inputs": _shapes(m.graph.input), "outputs": _shapes(m.graph.output)}
     manifest = {
-        "format": "pgesam-bundle", "version": 1, "sample_rate": SR, "frame_rate": SR // HOP, "hop": HOP,
+        "format": "pgesam-bundle", "version": 2, "sample_rate": SR, "frame_rate": SR // HOP, "hop": HOP,
         "frames": frames, "dim": DIM, "pitch_min": PITCH_MIN, "pitch_max": PITCH_MAX,
         "kv_cache": {"layers": LAYERS, "heads": HEADS, "head_dim": HEAD_DIM, "encoder_length": ENC_LEN,
-                     "max_length": frames, "layout": "[layers, 2 (key, value), batch, heads, length, head_dim]"},
+                     "max_length": frames, "layout": KV_LAYOUT, "cross": CROSS,
+                     "self": [[i, o] for i, o in zip(SELF_IN, SELF_OUT)]},
         "codec_stream": {"state": [{"name": "phase", "shape": [1, 1]}], "latency_samples": 0},
         "map": {"bounds": {"x": [-1.0, 1.0], "y": [-1.0, 1.0]}, "radius": 1.0, "instruments": INSTRUMENTS},
         "configs": {"codec": {}, "vae": {}, "transformer": {}},
@@ -366,3 +386,82 @@ def dominant_hz(audio: np.ndarray, sr: int = SR) -> float:
     a, b, c = np.log(spec[k - 1:k + 2] + 1e-12)
     shift = 0.5 * (a - c) / (a - 2 * b + c)
     return (k + shift) * sr / len(audio)
+
+
+# ------------------------------------------------------------------------------------------------ hardening helpers
+REPO = Path(__file__).resolve().parents[1]
+PGESAM = [__import__("sys").executable, "-c", "from pgesam_engine.cli import main; main()"]
+
+
+def spawn_serve(bundle: Path, log: Path, *args: str, cwd: Path | None = None,
+                timeout: float = 60.0) -> tuple["subprocess.Popen", int]:
+    """`pgesam serve` on `bundle` (CPU, one thread, a free port) in a subprocess -> (process, port).
+
+    Its stderr goes to the file `log` (a pipe nobody reads could fill and stall the server); stdout is a pipe
+    whose first line gives the port. Kill the process when done.
+    """
+    import re
+    import subprocess
+    err = open(log, "w")
+    proc = subprocess.Popen([*PGESAM, "serve", "--bundle", str(bundle), "--port", "0", "--provider", "cpu",
+                             "--threads", "1", *args], cwd=cwd or REPO, stdout=subprocess.PIPE, stderr=err,
+                            text=True)
+    err.close()
+    line = proc.stdout.readline()
+    match = re.search(r"listening on [\d.]+:(\d+)", line)
+    if match is None:
+        proc.kill()
+        proc.wait(timeout)
+        raise RuntimeError(f"serve did not start: {line!r} {Path(log).read_text()[-2000:]}")
+    return proc, int(match.group(1))
+
+
+def udp_socket(host: str = "127.0.0.1") -> "socket.socket":
+    """A UDP socket bound to `host` (any port): a raw OSC client. Linux routes all of 127.0.0.0/8 to lo."""
+    import socket
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((host, 0))
+    return s
+
+
+def drain(sock: "socket.socket", wait: float = 0.0) -> list[tuple[str, list]]:
+    """Every OSC reply waiting on `sock` (waiting up to `wait` seconds for the first) as (address, args)."""
+    import socket
+    from pythonosc.osc_message import OscMessage
+    out: list[tuple[str, list]] = []
+    sock.settimeout(max(0.0, wait))  # 0.0: non-blocking
+    try:
+        while True:
+            msg = OscMessage(sock.recv(65536))
+            out.append((msg.address, list(msg.params)))
+            sock.settimeout(0.0)
+    except (BlockingIOError, socket.timeout):
+        pass
+    finally:
+        sock.settimeout(None)
+    return out
+
+
+def ask_raw(sock: "socket.socket", to: tuple[str, int], address: str, *args: object,
+            expect: str | None = None, timeout: float = 10.0) -> list[tuple[str, list]]:
+    """Send one message from `sock` and collect replies until `expect` arrives (or `timeout` passes)."""
+    from pythonosc.osc_message_builder import OscMessageBuilder
+    b = OscMessageBuilder(address)
+    for a in args:
+        b.add_arg(a)
+    sock.sendto(b.build().dgram, to)
+    end, out = time.time() + timeout, []
+    while time.time() < end:
+        got = drain(sock, wait=min(0.5, max(0.01, end - time.time())))
+        out += got
+        if expect is None and got or expect is not None and any(a == expect for a, _ in got):
+            break
+    return out
+
+
+def status_of(replies: list[tuple[str, list]]) -> dict:
+    """The /pgesam/status reply among `replies` as a dict."""
+    for address, args in replies:
+        if address == "/pgesam/status":
+            return dict(zip(args[::2], args[1::2]))
+    raise AssertionError(f"no /pgesam/status reply in {replies[:5]}")

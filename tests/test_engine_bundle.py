@@ -54,8 +54,11 @@ def test_truncated_graph_is_refused(copy: Path) -> None:
 
 
 def test_unknown_version_is_refused(copy: Path) -> None:
-    edit_manifest(copy, version=2)
-    with pytest.raises(BundleError, match="bundle version 2 is not one this engine reads"):
+    edit_manifest(copy, version=1)  # the stacked-cache layout this engine no longer reads
+    with pytest.raises(BundleError, match="bundle version 1 is not one this engine reads"):
+        Bundle(copy)
+    edit_manifest(copy, version=3)
+    with pytest.raises(BundleError, match="bundle version 3 is not one this engine reads"):
         Bundle(copy)
 
 

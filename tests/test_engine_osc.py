@@ -131,6 +131,23 @@ def test_udp_round_trip_replies_to_the_sender(served: tuple[OscServer, OscClient
     assert server.bad_packets == 1
 
 
+def test_reply_port_sends_replies_to_a_chosen_port(engine: Engine) -> None:
+    listener = OscClient("127.0.0.1", 9)  # only its socket is used: it stands for Max's [udpreceive N]
+    listener.client._sock.bind(("127.0.0.1", 0))
+    port = listener.client._sock.getsockname()[1]
+    server = OscServer(Router(engine), "127.0.0.1", 0, reply_port=port)
+    server.start()
+    sender = OscClient(*server.address)  # stands for [udpsend]: sends from a port nobody reads
+    try:
+        sender.send("/pgesam/ping")
+        assert listener.replies() == [("/pgesam/pong", [])]
+        assert sender.replies(timeout=0.3) == []
+    finally:
+        sender.close()
+        listener.close()
+        server.stop()
+
+
 def test_udp_bundle_is_scheduled_on_the_audio_clock(served: tuple[OscServer, OscClient], engine: Engine) -> None:
     server, client = served
     engine.scheduler.clear()

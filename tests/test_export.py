@@ -130,16 +130,25 @@ def test_every_graph_loads_and_carries_its_metadata(tiny_export: TinyChain) -> N
     for key, entry in manifest["graphs"].items():
         sess = ort.InferenceSession(str(tiny_export.bundle / entry["file"]), providers=["CPUExecutionProvider"])
         meta = sess.get_modelmeta().custom_metadata_map
-        assert meta["pgesam_format"] == "pgesam-bundle" and meta["pgesam_version"] == "1"
+        assert meta["pgesam_format"] == "pgesam-bundle" and meta["pgesam_version"] == "2"
         assert meta["graph"] == key.split(".")[0]
         assert (meta["sample_rate"], meta["frames"], meta["pitch_min"], meta["pitch_max"]) == ("24000", "300", "48",
                                                                                                  "72")
         assert set(entry["inputs"]) == {i.name for i in sess.get_inputs()}
+        if meta["graph"] in ("transformer_encoder", "decoder_step", "decoder_step_static"):
+            assert meta["kv_layout"] == "batch,heads,length,head_dim"
+            assert meta["kv_cross"] == ",".join(manifest["kv_cache"]["cross"])
     step = manifest["graphs"]["decoder_step"]
-    assert step["inputs"]["in_self_kv"] == [2, 2, "B", 2, "P", 16] and step["outputs"]["out_self_kv"][4] == "P1"
-    assert step["inputs"]["position"] == []
+    caches = [f"{kv}{i}" for i in range(2) for kv in "kv"]  # tiny preset: 2 decoder layers
+    assert list(step["inputs"]) == ["frame", "position", *(f"cross_{c}" for c in caches),
+                                    *(f"in_self_{c}" for c in caches)]
+    assert list(step["outputs"]) == ["next_frame", *(f"out_self_{c}" for c in caches)]
+    assert step["inputs"]["in_self_k0"] == ["B", 2, "P", 16] and step["outputs"]["out_self_v1"] == ["B", 2, "P1", 16]
+    assert step["inputs"]["cross_k1"] == ["B", 2, 3, 16] and step["inputs"]["position"] == []
+    encoder = manifest["graphs"]["transformer_encoder"]
+    assert list(encoder["outputs"]) == ["memory", *(f"cross_{c}" for c in caches)]
     static = manifest["graphs"]["decoder_step_static"]
-    assert static["inputs"]["in_self_kv"] == [2, 2, "B", 2, 300, 16] and static["inputs"]["position"] == [1]
+    assert static["inputs"]["in_self_v0"] == ["B", 2, 300, 16] and static["inputs"]["position"] == [1]
     ops = {n.op_type for n in onnx.load(str(tiny_export.bundle / static["file"])).graph.node}
     assert not ops & {"If", "Loop", "Scan"}, "the static step must have no data-dependent control flow"
     measured = manifest["graphs"]["decoder_step.int8"]["measured"]
@@ -149,9 +158,12 @@ def test_every_graph_loads_and_carries_its_metadata(tiny_export: TinyChain) -> N
 def test_manifest_describes_the_models_and_their_origin(tiny_export: TinyChain) -> None:
     m = read_manifest(tiny_export.bundle)
     tf = m["configs"]["transformer"]
+    caches = [f"{kv}{i}" for i in range(tf["n_decoder_layers"]) for kv in "kv"]
     assert m["kv_cache"] == {"layers": tf["n_decoder_layers"], "heads": tf["n_heads"],
                              "head_dim": tf["d_model"] // tf["n_heads"], "encoder_length": 3, "max_length": 300,
-                             "layout": "[layers, 2 (key, value), batch, heads, length, head_dim]"}
+                             "layout": ["batch", "heads", "length", "head_dim"],
+                             "cross": [f"cross_{c}" for c in caches],
+                             "self": [[f"in_self_{c}", f"out_self_{c}"] for c in caches]}
     assert (m["hop"], m["dim"], m["frame_rate"]) == (320, 128, 75.0)
     assert m["codec_stream"]["latency_samples"] == 960 and m["codec_stream"]["min_first_frames"] == 1
     assert [s["name"] for s in m["codec_stream"]["state"]] == ["conv_in", "block0", "phase", "istft_overlap"]
@@ -194,8 +206,9 @@ def test_streaming_decode_equals_whole_decode(tiny_export: TinyChain) -> None:
 def test_static_step_equals_dynamic_step_over_a_whole_note(tiny_export: TinyChain) -> None:
     s = open_sessions(tiny_export.bundle, read_manifest(tiny_export.bundle))
     z, pidx = np.array([[0.6, -0.1], [-0.5, 0.4]], np.float32), np.array([0, 12], np.int64)
-    dynamic = onnx_generate(s, z, pidx, 300)
-    static = onnx_generate(s, z, pidx, 300, static=True)
+    kv = read_manifest(tiny_export.bundle)["kv_cache"]
+    dynamic = onnx_generate(s, kv, z, pidx, 300)
+    static = onnx_generate(s, kv, z, pidx, 300, static=True)
     assert dynamic.shape == (2, 128, 300) and np.abs(dynamic).max() > 0.1
     np.testing.assert_allclose(static, dynamic, atol=1e-4)
 
@@ -214,17 +227,17 @@ def test_tampered_file_is_refused_by_the_engine(tiny_export: TinyChain, tmp_path
 def test_wrong_version_is_refused(tiny_export: TinyChain, tmp_path: Path) -> None:
     b = copy_bundle(tiny_export.bundle, tmp_path / "b")
     raw = json.loads((b / "manifest.json").read_text())
-    (b / "manifest.json").write_text(json.dumps({**raw, "version": 2}))
-    with pytest.raises(BundleError, match="bundle version 2 is not one this engine reads"):
+    (b / "manifest.json").write_text(json.dumps({**raw, "version": 1}))  # the stacked-cache format
+    with pytest.raises(BundleError, match="bundle version 1 is not one this engine reads"):
         Bundle(b, providers="cpu")
-    with pytest.raises(ExportError, match="version 2"):
+    with pytest.raises(ExportError, match="version 1"):
         read_manifest(b)
     # a graph of another version, its hash updated in the manifest: refused by its own metadata
     from export.manifest import graph_entry, set_metadata
-    set_metadata(b / "codec_decoder.onnx", {"pgesam_version": "2"})
+    set_metadata(b / "codec_decoder.onnx", {"pgesam_version": "1"})
     raw["graphs"]["codec_decoder"] = graph_entry(b, "codec_decoder.onnx")
     (b / "manifest.json").write_text(json.dumps(raw))
-    with pytest.raises(BundleError, match="codec_decoder.onnx is bundle version 2"):
+    with pytest.raises(BundleError, match="codec_decoder.onnx is bundle version 1"):
         Bundle(b, providers="cpu")
 
 
@@ -256,7 +269,7 @@ def encodec_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_codec_of_other_frames_is_refused(tiny_export: TinyChain, encodec_ckpt: Path, tmp_path: Path) -> None:
-    with pytest.raises(ExportError, match="trained on frames of codec stft-.*--allow-mismatch"):
+    with pytest.raises(ExportError, match="trained on frames of codec mel-.*--allow-mismatch"):
         export_bundle(encodec_ckpt, tiny_export.vae, tiny_export.transformer, tmp_path / "b")
     assert not (tmp_path / "b").exists()
 

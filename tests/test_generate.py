@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from export.decoder_step import DecoderStepGraph, input_names, output_names
+from export.transformer_encoder import flatten
 from pgesam_train.bench import METHODS, BenchSetup, markdown, run_bench, write_report
 from pgesam_train.config import transformer_preset
-from pgesam_train.generate import (CACHE_MODES, DecoderStep, EncoderCall, StaticDecoderStep, empty_cache, generate,
-                                   generate_cached, generate_uncached)
+from pgesam_train.generate import (CACHE_MODES, DecoderStep, EncoderCall, empty_cache, generate, generate_cached,
+                                   generate_uncached)
 from pgesam_train.transformer import TimbreTransformer
 
 
@@ -70,15 +72,16 @@ def test_bad_requests_are_errors(model: TimbreTransformer) -> None:
         model.eval()
 
 
-def _export(module: torch.nn.Module, args: tuple, path: Path, static: bool) -> None:
-    past = {} if static else {4: "past"}
-    dynamic = {"frame": {0: "batch"}, "in_self_kv": {2: "batch", **past}, "cross_kv": {2: "batch"},
-               "next_frame": {0: "batch"}, "out_self_kv": {2: "batch", **({} if static else {4: "past_plus_1"})}}
+def _export(module: torch.nn.Module, args: tuple, path: Path, layers: int, static: bool) -> None:
+    inputs, outputs = input_names(layers), output_names(layers)
+    dynamic = {name: {0: "batch"} for name in inputs[2:] + outputs} | {"frame": {0: "batch"}}
+    if not static:
+        dynamic |= {n: {0: "batch", 2: "past"} for n in inputs if n.startswith("in_")}
+        dynamic |= {n: {0: "batch", 2: "past_plus_1"} for n in outputs if n.startswith("out_")}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=17,
-                          input_names=["frame", "position", "in_self_kv", "cross_kv"],
-                          output_names=["next_frame", "out_self_kv"], dynamic_axes=dynamic)
+        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=17, input_names=inputs,
+                          output_names=outputs, dynamic_axes=dynamic)
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic_cache", "static_cache"])
@@ -86,26 +89,45 @@ def test_decoder_step_exports_to_onnx(model: TimbreTransformer, tmp_path: Path, 
     """The pure decoder step traces with the legacy exporter (opset 17); ORT generates the torch frames."""
     ort = pytest.importorskip("onnxruntime")
     cfg = model.config
+    layers = cfg.n_decoder_layers
     z, pitch = _cond(cfg, 3)
     with torch.no_grad():
         _, cross = EncoderCall(model)(z[:2], pitch[:2])  # trace at batch 2 ...
-    trace_kv = empty_cache(cfg, 2, static=True) if static else torch.randn(cfg.n_decoder_layers, 2, 2, cfg.n_heads,
-                                                                             5, cfg.head_dim)
-    step = StaticDecoderStep(model) if static else DecoderStep(model)
+    trace_kv = empty_cache(cfg, 2, static=True) if static else [
+        (torch.randn(2, cfg.n_heads, 5, cfg.head_dim), torch.randn(2, cfg.n_heads, 5, cfg.head_dim))
+        for _ in range(layers)]
     path = tmp_path / "decoder_step.onnx"
-    _export(step, (torch.zeros(2, cfg.dim), torch.tensor(5 if not static else 3), trace_kv, cross), path, static)
+    args = (torch.zeros(2, cfg.dim), torch.tensor(5 if not static else 3), *flatten(cross), *flatten(trace_kv))
+    _export(DecoderStepGraph(model, static), args, path, layers, static)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         _, cross = EncoderCall(model)(z, pitch)  # ... and run at batch 3, from an empty cache
-    kv = empty_cache(cfg, 3, static=static).numpy()
+    names = input_names(layers)
+    feeds = dict(zip(names[2:], (t.numpy() for t in flatten(cross) + flatten(empty_cache(cfg, 3, static=static)))))
     frame, frames = np.zeros((3, cfg.dim), np.float32), []
     for t in range(25):
-        frame, kv = sess.run(None, {"frame": frame, "position": np.array(t, np.int64), "in_self_kv": kv,
-                                    "cross_kv": cross.numpy()})
+        frame, *kv = sess.run(None, {**feeds, "frame": frame, "position": np.array(t, np.int64)})
+        feeds |= dict(zip(names[2 + 2 * layers:], kv))
         frames.append(frame)
     ref = generate_cached(model, z, pitch, n_frames=25, cache="dynamic").numpy()
     np.testing.assert_allclose(np.stack(frames, axis=2), ref, atol=1e-5, rtol=0)
-    assert kv.shape[4] == (cfg.frames if static else 25)
+    assert all(k.shape == (3, cfg.n_heads, cfg.frames if static else 25, cfg.head_dim) for k in kv)
+
+
+def test_one_wrapper_for_both_caches(model: TimbreTransformer) -> None:
+    """DecoderStep(static=True) writes the preallocated cache at the position; the growing one appends."""
+    cfg = model.config
+    with torch.no_grad():
+        _, cross = EncoderCall(model)(*_cond(cfg))
+        frame = torch.randn(2, cfg.dim)
+        a, grown = DecoderStep(model)(frame, torch.tensor(0), empty_cache(cfg, 2), cross)
+        b, written = DecoderStep(model, static=True)(frame, torch.tensor(0), empty_cache(cfg, 2, static=True), cross)
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    for (gk, gv), (wk, wv) in zip(grown, written):
+        assert gk.shape[2] == 1 and wk.shape[2] == cfg.frames
+        torch.testing.assert_close(wk[:, :, :1], gk, atol=0, rtol=0)
+        torch.testing.assert_close(wv[:, :, :1], gv, atol=0, rtol=0)
+        assert not wk[:, :, 1:].any()
 
 
 def test_bench_runs_and_reports(model: TimbreTransformer, tmp_path: Path) -> None:
@@ -131,13 +153,15 @@ def test_encoder_call_exports_to_onnx(model: TimbreTransformer, tmp_path: Path) 
     path = tmp_path / "encoder.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        names = ["memory", *(f"cross_{kv}{i}" for i in range(cfg.n_decoder_layers) for kv in "kv")]
         torch.onnx.export(EncoderCall(model), (z[:2], pitch[:2]), str(path), dynamo=False, opset_version=17,
-                          input_names=["z", "pitch"], output_names=["memory", "cross_kv"],
-                          dynamic_axes={"z": {0: "batch"}, "pitch": {0: "batch"}, "memory": {0: "batch"},
-                                        "cross_kv": {2: "batch"}})
-    memory, cross = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+                          input_names=["z", "pitch"], output_names=names,
+                          dynamic_axes={"z": {0: "batch"}, "pitch": {0: "batch"}, **{n: {0: "batch"} for n in names}})
+    memory, *cross = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
         None, {"z": z.numpy(), "pitch": pitch.numpy()})
     with torch.no_grad():
         ref_memory, ref_cross = EncoderCall(model)(z, pitch)
     np.testing.assert_allclose(memory, ref_memory.numpy(), atol=1e-5, rtol=0)
-    np.testing.assert_allclose(cross, ref_cross.numpy(), atol=1e-5, rtol=0)
+    assert len(cross) == 2 * cfg.n_decoder_layers
+    for got, ref in zip(cross, flatten(ref_cross)):
+        np.testing.assert_allclose(got, ref.numpy(), atol=1e-5, rtol=0)

@@ -49,16 +49,26 @@ def test_shapes(model: TimbreTransformer) -> None:
     memory = model.encode(z, pitch)
     assert memory.shape == (B, 3, cfg.d_model)
     cross = model.cross_kv(memory)
-    assert cross.shape == cross_kv_shape(cfg, B)
+    assert len(cross) == cfg.n_decoder_layers
+    assert all(t.shape == cross_kv_shape(cfg, B) == (B, cfg.n_heads, 3, cfg.head_dim) for kv in cross for t in kv)
     assert model(z, pitch, frames).shape == (B, T, cfg.dim)
     kv = empty_cache(cfg, B)
-    assert kv.shape == (cfg.n_decoder_layers, 2, B, cfg.n_heads, 0, cfg.head_dim)
+    assert len(kv) == cfg.n_decoder_layers and all(t.shape == (B, cfg.n_heads, 0, cfg.head_dim) for p in kv for t in p)
     nxt, kv = model.decode_step(frames[:, 0], torch.tensor(0), kv, cross)
-    assert nxt.shape == (B, cfg.dim) and kv.shape[4] == 1
+    assert nxt.shape == (B, cfg.dim) and all(t.shape[2] == 1 for p in kv for t in p)
     static = empty_cache(cfg, B, static=True)
     nxt2, static2 = model.decode_step_static(frames[:, 0], torch.tensor(0), static, cross)
-    assert static2.shape == static.shape == (cfg.n_decoder_layers, 2, B, cfg.n_heads, cfg.frames, cfg.head_dim)
+    assert all(t.shape == (B, cfg.n_heads, cfg.frames, cfg.head_dim) for p in static + static2 for t in p)
     torch.testing.assert_close(nxt2, nxt, atol=1e-6, rtol=0)
+
+
+def test_checkpoint_names_are_unchanged(model: TimbreTransformer) -> None:
+    """The per-layer cache layout is a change of the step code only: checkpoints saved before it still load."""
+    names = set(model.state_dict())
+    for i in range(model.config.n_decoder_layers):
+        assert {f"decoder.{i}.attn.qkv.weight", f"decoder.{i}.attn.proj.bias", f"decoder.{i}.cross.q.weight",
+                f"decoder.{i}.cross.kv.weight", f"decoder.{i}.ff.net.2.weight"} <= names
+    assert not any("cache" in n for n in names)
 
 
 def test_decoder_is_causal(model: TimbreTransformer) -> None:
@@ -91,7 +101,7 @@ def test_static_step_with_per_row_positions(model: TimbreTransformer) -> None:
         for i in range(2):
             kv, f, out = empty_cache(cfg, 1), torch.zeros(1, cfg.dim), []
             for t in range(10):
-                f, kv = model.decode_step(f, torch.tensor(t), kv, cross[:, :, i:i + 1])
+                f, kv = model.decode_step(f, torch.tensor(t), kv, [(k[i:i + 1], v[i:i + 1]) for k, v in cross])
                 out.append(f[0])
             solo.append(torch.stack(out))
         kv, f = empty_cache(cfg, 2, static=True), torch.zeros(2, cfg.dim)
