@@ -121,7 +121,8 @@ def osc_latency(synth: Synth, notes: int, blocksize: int = 256) -> dict[str, flo
     """Loopback OSC note-ons to a null-backend engine: arrival -> first output sample, and idle CPU / RSS."""
     from .audio import NullBackend
     from .engine import Engine, EngineConfig
-    from .osc import OscServer, Router, build
+    from .osc import Router, build
+    from .osc_server import OscServer
     engine = Engine(synth, NullBackend(synth.m.sample_rate, blocksize), EngineConfig())
     server = OscServer(Router(engine), "127.0.0.1", 0)
     client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -175,7 +175,8 @@ def serve(synth: Synth, host: str, allow_remote: bool, allow: str | None, port: 
           device: str | None, blocksize: int, voices: int, cache_mb: float, allow_outside: bool, out_dir: Path,
           in_dir: Path, audio_fallback: bool, reply_port: int | None, duration: float | None) -> None:
     """Play the instrument, controlled over OSC (UDP). SIGINT or SIGTERM stop it cleanly."""
-    from .osc import OscServer, Router, is_loopback
+    from .osc import Router
+    from .osc_server import OscServer, is_loopback
     if not allow_remote and not is_loopback(host):  # before opening any device
         raise click.ClickException(f"refusing to listen on {host}: other machines could reach it; pass "
                                    "--allow-remote (and --allow ADDRESSES) or use --host 127.0.0.1")
@@ -287,7 +288,9 @@ def bench(synth: Synth, as_json: bool, repeats: int, notes: int, with_torch: boo
 
 @cli.command("web")
 @with_synth
-@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on (the page has no login)")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to listen on (the page has no login); anything but loopback needs --allow-remote")
+@click.option("--allow-remote", is_flag=True, help="really serve on an address other machines can reach")
 @click.option("--port", type=click.IntRange(0, 65535), default=8130, show_default=True, help="TCP port (0: any)")
 @click.option("--audio", "audio_spec", default="null", show_default=True,
               help="also play the page's notes on the engine's output: sounddevice or file:PATH (null: browser only)")
@@ -297,9 +300,13 @@ def bench(synth: Synth, as_json: bool, repeats: int, notes: int, with_torch: boo
 @click.option("--max-upload-mb", type=click.FloatRange(0.01, 1024), default=20.0, show_default=True,
               help="largest audio file the page may upload")
 @click.option("--duration", type=float, default=None, help="stop after this many seconds")
-def web_page(synth: Synth, host: str, port: int, audio_spec: str, cache_mb: float, allow_outside: bool,
-             max_upload_mb: float, duration: float | None) -> None:
+def web_page(synth: Synth, host: str, allow_remote: bool, port: int, audio_spec: str, cache_mb: float,
+             allow_outside: bool, max_upload_mb: float, duration: float | None) -> None:
     """Serve the timbre map as a web page: click a timbre, play keys (needs the `web` extra: aiohttp)."""
+    from .osc_server import is_loopback
+    if not is_loopback(host) and not allow_remote:
+        raise click.ClickException(f"refusing to serve the page on {host}: other machines could reach it (the page "
+                                   "has no login); pass --allow-remote, or use --host 127.0.0.1")
     try:
         from .web.server import WebServer
     except ImportError as e:
@@ -312,7 +319,7 @@ def web_page(synth: Synth, host: str, port: int, audio_spec: str, cache_mb: floa
         api = WebApi(engine, WebConfig(max_upload_mb=max_upload_mb, mirror=audio_spec != "null"))
         server = WebServer(api, host, port)
         engine.start()
-        if host not in ("127.0.0.1", "localhost", "::1"):
+        if not is_loopback(host):
             click.echo(f"warning: serving on {host}: anyone who can reach it can use the page", err=True)
         click.echo(f"pgesam web page at {server.url} ; provider {synth.bundle.provider}, audio {backend.describe()}")
         sys.stdout.flush()

@@ -48,3 +48,18 @@ def load_checkpoint(path: Path, kind: str) -> dict:
         raise CheckpointError(f"{path}: checkpoint format {state.get('format')}, this version reads {FORMAT}")
     return state
 
+
+def without_optimizer(src: Path, dst: Path) -> Path:
+    """Copy checkpoint `src` to `dst` without its optimizer state (a third of the size): the form committed to the
+    repository. Training resumes from it with fresh optimizer moments; everything else (config, weights, step,
+    epoch, extra) is kept."""
+    state = torch.load(Path(src), map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or "kind" not in state:
+        raise CheckpointError(f"{src} is not a pgesam checkpoint")
+    state["optimizer"] = None
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.partial")
+    torch.save(state, tmp)
+    os.replace(tmp, dst)
+    return dst

@@ -102,15 +102,19 @@ main.add_command(export_command)
 @click.option("--codec-steps", type=int, default=None, help="Override the codec preset's training steps.")
 @click.option("--vae-epochs", type=int, default=None, help="Override the VAE preset's epochs.")
 @click.option("--transformer-steps", type=int, default=None, help="Override the Transformer preset's steps.")
+@click.option("--weights", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
+              help="The bundle's weight storage (fp16: half the size, float32 arithmetic).")
+@click.option("--static/--no-static", default=False, show_default=True,
+              help="Also export decoder_step_static (for CUDA graphs).")
 @click.option("--threads", type=int, default=None, help="Torch intra-op threads.")
 def pipeline_command(preset: str, stages: tuple[str, ...], codec_steps: int | None, vae_epochs: int | None,
-                     transformer_steps: int | None, threads: int | None) -> None:
+                     transformer_steps: int | None, weights: str, static: bool, threads: int | None) -> None:
     """Soundfonts -> dataset -> codec -> latents -> VAE -> Transformer -> bundle; resumable, timed per stage."""
     import logging
 
     from .pipeline import STAGES, PipelinePlan, run_pipeline
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    plan = PipelinePlan(preset, codec_steps, vae_epochs, transformer_steps, threads)
+    plan = PipelinePlan(preset, codec_steps, vae_epochs, transformer_steps, threads, weights, static)
     run_pipeline(plan, stages or STAGES, echo=click.echo)
 
 

@@ -39,6 +39,8 @@ class PipelinePlan:
     vae_epochs: int | None = None
     transformer_steps: int | None = None
     threads: int | None = None
+    weights: str = "fp16"  # the bundle's weight storage, as shipped (export/storage.py)
+    static: bool = False  # also export decoder_step_static (for CUDA graphs); the shipped CPU bundle has none
 
     @property
     def dataset(self) -> Path:
@@ -164,7 +166,7 @@ def stage_export(plan: PipelinePlan) -> str | None:
     vae, transformer = plan.vae_dir / VAE_NAME, plan.transformer_dir / CHECKPOINT_NAME
     if _newer(plan.bundle / "manifest.json", plan.codec_checkpoint, vae, transformer):
         return "skipped: the bundle is newer than every checkpoint"
-    export_bundle(plan.codec_checkpoint, vae, transformer, plan.bundle)
+    export_bundle(plan.codec_checkpoint, vae, transformer, plan.bundle, static=plan.static, weights=plan.weights)
     return None
 
 

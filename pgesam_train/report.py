@@ -192,11 +192,23 @@ def pitch_by_pitch(metrics: dict) -> dict[str, dict[int, float]]:
     return out
 
 
-def save_pitch_plot(per_pitch: dict[str, dict[int, float]], path: Path) -> Path:
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 3.2))
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def save_pitch_plot(per_pitch: dict[str, dict[int, float]], path: Path) -> Path:
+    fig, ax = _pyplot().subplots(figsize=(8, 3.2))
     for name, by in per_pitch.items():
         ax.plot(list(by), list(by.values()), marker="o", label=name.replace("_", " "))
     ax.set_xlabel("requested MIDI pitch")
@@ -204,11 +216,7 @@ def save_pitch_plot(per_pitch: dict[str, dict[int, float]], path: Path) -> Path:
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _write_wav(path: Path, audio: np.ndarray, sr: int) -> None:
@@ -273,10 +281,7 @@ def render_examples(docs: Path, preset: str, walk_steps: int = 6) -> str:
 
 
 def save_spectrograms(rows: list[tuple[str, int, np.ndarray, np.ndarray]], sr: int, path: Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(len(rows), 2, figsize=(9, 2.2 * len(rows)), squeeze=False)
+    fig, axes = _pyplot().subplots(len(rows), 2, figsize=(9, 2.2 * len(rows)), squeeze=False)
     for r, (name, pitch, gen, real) in enumerate(rows):
         for c, (label, audio) in enumerate((("generated", gen), ("real, codec round trip", real))):
             ax = axes[r][c]
@@ -284,11 +289,7 @@ def save_spectrograms(rows: list[tuple[str, int, np.ndarray, np.ndarray]], sr: i
             ax.set_ylim(0, 8000)
             ax.set_title(f"{name} MIDI {pitch}: {label}", fontsize=8)
             ax.tick_params(labelsize=6)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # ------------------------------------------------------------------------------------------- the whole

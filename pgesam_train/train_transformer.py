@@ -183,7 +183,8 @@ def train_transformer(cfg: TransformerConfig, cache_dir: Path, vae_path: Path, o
     step, extra = 0, {"vae": str(vae_path), "vae_sha256": file_sha256(vae_path), "latents": str(cache_dir),
                       "codec": train_lat.meta.get("codec"), "best_valid": float("inf")}
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
+        if state.get("optimizer"):  # shipped checkpoints carry none (`checkpoint.without_optimizer`)
+            opt.load_state_dict(state["optimizer"])
         step, extra = state["step"], {**extra, "best_valid": state["extra"].get("best_valid", float("inf"))}
     log.info("transformer %s params, %d train notes, steps %d -> %d", f"{model.num_params():,}", len(train), step,
              cfg.steps)

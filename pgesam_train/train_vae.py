@@ -206,7 +206,8 @@ def train_vae(cfg: VAEConfig, cache_dir: Path, out_dir: Path, resume: bool = Fal
     opt = _optimizer(model)
     epoch, step = 0, 0
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
+        if state.get("optimizer"):  # shipped checkpoints carry none (`checkpoint.without_optimizer`)
+            opt.load_state_dict(state["optimizer"])
         epoch, step = state["epoch"], state["step"]
     extra = {"classes": classes, "latents": str(cache_dir), "codec": train_lat.meta.get("codec")}
     steps_log, epochs_log = CSVLog(out_dir / "steps.csv"), CSVLog(out_dir / "epochs.csv")

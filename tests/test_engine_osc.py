@@ -14,7 +14,8 @@ from pythonosc.osc_message_builder import OscMessageBuilder
 from pgesam_engine.audio import NullBackend
 from pgesam_engine.bundle import Bundle
 from pgesam_engine.engine import Engine, EngineConfig
-from pgesam_engine.osc import ERROR, OscServer, Router, address_table, build, parse_packet
+from pgesam_engine.osc import ERROR, Router, address_table, build, parse_packet
+from pgesam_engine.osc_server import OscServer
 from pgesam_engine.synth import Synth
 
 

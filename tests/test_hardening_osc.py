@@ -21,7 +21,8 @@ from pythonosc.osc_message_builder import OscMessageBuilder
 from pgesam_engine.audio import NullBackend
 from pgesam_engine.bundle import Bundle
 from pgesam_engine.engine import Engine, EngineConfig
-from pgesam_engine.osc import ERROR, OscLimits, OscServer, RemoteRefused, Router, is_loopback, parse_allow
+from pgesam_engine.osc import ERROR, OscLimits, Router
+from pgesam_engine.osc_server import OscServer, RemoteRefused, is_loopback, parse_allow
 from pgesam_engine.synth import Synth
 
 LIMITS = OscLimits(error_rate=10.0, error_burst=20.0)

@@ -32,7 +32,10 @@ def test_pipeline_runs_skips_and_resumes(fresh_home):
     assert st["dataset"].startswith("skipped")  # copied in by the fixture
     assert all(st[s] == "done" for s in STAGES[1:]), st
     manifest = json.loads((plan.bundle / "manifest.json").read_text())
-    assert manifest["weights"] == "fp32" and "decoder_step" in manifest["graphs"]
+    assert manifest["weights"] == "fp16" and "decoder_step" in manifest["graphs"]  # the shipped form
+    assert "decoder_step_static" not in manifest["graphs"]
+    from pgesam_engine.bundle import Bundle
+    assert Bundle(plan.bundle, providers="cpu", threads=1).has("codec_decoder_stream")  # the engine opens it
     assert any(line.startswith("[6/6] export: done") for line in lines)
 
     second = run_pipeline(plan, echo=lines.append)
@@ -40,11 +43,13 @@ def test_pipeline_runs_skips_and_resumes(fresh_home):
     worked = json.loads(plan.record.read_text())["stages"]
     assert worked["transformer"]["seconds"] == first["stages"]["transformer"]["seconds"]  # skips cost nothing
 
+    from pgesam_train.checkpoint import load_checkpoint, without_optimizer
+    shipped = without_optimizer(plan.transformer_dir / "transformer.pt", plan.transformer_dir / "transformer.pt")
+    assert load_checkpoint(shipped, "transformer")["optimizer"] is None  # the committed form resumes too
     longer = PipelinePlan("tiny", codec_steps=3, vae_epochs=2, transformer_steps=6, threads=1)
     third = statuses(run_pipeline(longer, echo=lines.append))
     assert third["transformer"] == "done" and third["export"] == "done"
     assert third["codec"].startswith("skipped") and third["vae"].startswith("skipped")
-    from pgesam_train.checkpoint import load_checkpoint
     assert load_checkpoint(longer.transformer_dir / "transformer.pt", "transformer")["step"] == 6
 
 

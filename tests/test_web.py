@@ -134,7 +134,7 @@ def test_an_uncached_note_is_streamed_at_once(engine: Engine) -> None:
         return first.status, body, later.status
     status, body, later = run(WebApi(engine), scenario)
     assert status == 202 and body == {"x": -0.3, "y": 0.1, "clamped": False, "pitch": 50, "note_ready": False}
-    assert later == 200 and engine.cache.get(-0.3, 0.1, 50) is not None
+    assert later == 200  # served from the stream (whether the cache kept it depends on what else it holds)
 
 
 @pytest.mark.parametrize("method, url, body, status, fragment", [
@@ -258,6 +258,9 @@ def test_cli_web_command_serves_and_stops(tiny_bundle: Path, monkeypatch) -> Non
     assert result.exit_code == 0, result.output
     assert re.search(r"pgesam web page at http://127\.0\.0\.1:\d+/", result.output)
     assert "--max-upload-mb" in CliRunner().invoke(cli, ["web", "--help"]).output
+    refused = CliRunner().invoke(cli, ["web", "--bundle", str(tiny_bundle), "--provider", "cpu", "--host", "0.0.0.0",
+                                       "--port", "0", "--duration", "0.3"])
+    assert refused.exit_code != 0 and "--allow-remote" in refused.output
 
 
 def test_notes_play_even_when_the_cache_has_no_room(tiny_bundle: Path) -> None:  # noqa: F811

@@ -69,18 +69,19 @@ class MelInverse(nn.Module):
         super().__init__()
         mel = mel_filterbank(c.sample_rate, c.n_fft, c.n_mels)  # (n_mels, F)
         pinv = torch.from_numpy(np.linalg.pinv(mel.double().numpy())).float()  # (F, n_mels)
-        self.register_buffer("mel", mel, persistent=False)
+        # frames as rows, constant right operands: onnxruntime prepacks constant B matrices of MatMul
+        self.register_buffer("mel", mel, persistent=False)  # (n_mels, F)
         self.register_buffer("mel_t", mel.T.contiguous(), persistent=False)  # (F, n_mels)
-        self.register_buffer("pinv", pinv, persistent=False)
+        self.register_buffer("pinv_t", pinv.T.contiguous(), persistent=False)  # (n_mels, F)
         self.iters = c.mel_prior_iters
 
     def forward(self, emb: Tensor) -> Tensor:
-        target = torch.exp(emb)  # (B, n_mels, T)
-        mag = torch.clamp(torch.matmul(self.pinv, target), min=1e-5)  # (B, F, T)
-        numerator = torch.matmul(self.mel_t, target)
+        target = torch.exp(emb).transpose(1, 2)  # (B, T, n_mels)
+        mag = torch.clamp(torch.matmul(target, self.pinv_t), min=1e-5)  # (B, T, F)
+        numerator = torch.matmul(target, self.mel)  # (B, T, F)
         for _ in range(self.iters):
-            mag = mag * numerator / (torch.matmul(self.mel_t, torch.matmul(self.mel, mag)) + 1e-10)
-        return torch.log(torch.clamp(mag, min=1e-5))
+            mag = mag * numerator / (torch.matmul(torch.matmul(mag, self.mel_t), self.mel) + 1e-10)
+        return torch.log(torch.clamp(mag, min=1e-5)).transpose(1, 2)  # (B, F, T)
 
 
 class SpectrumHead(nn.Module):
