@@ -112,8 +112,10 @@ def section_codec(inp: ReportInputs, docs: Path) -> str:
     pngs = sorted(inp.codec_eval.glob("*.png"))[:1]
     figure = _copy_figure(pngs[0], docs, "codec_spectrogram.png") if pngs else None
     return head + "\n".join([
-        "`pgesam-train codec eval --checkpoint $PGESAM_HOME/checkpoints/codec/small/stft.pt --limit 96` "
-        "(ground truth and the Griffin-Lim floor are always included):", "", md, "", figure or ""])
+        "`pgesam-train codec eval --checkpoint CKPT [--checkpoint CKPT ...] --limit N` (ground truth and the "
+        "Griffin-Lim floor are always included; rows are named after the checkpoint files; the exact command of "
+        "this table and the other designs compared are in `docs/codec-comparison.md`):", "", md, "",
+        figure or ""])
 
 
 def section_vae(inp: ReportInputs, docs: Path) -> str:
