@@ -31,23 +31,14 @@ SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35 if sys.platform == "linux"
 SO_RXQ_OVFL = getattr(socket, "SO_RXQ_OVFL", 40 if sys.platform == "linux" else None)
 
 
-def _enable_timestamps(sock: socket.socket) -> bool:
-    """Ask the kernel to stamp each datagram's arrival (Linux SO_TIMESTAMPNS, CLOCK_REALTIME)."""
-    if SO_TIMESTAMPNS is None or not hasattr(sock, "recvmsg"):
+def _enable_report(sock: socket.socket, option: int | None) -> bool:
+    """Ask the kernel to attach a SOL_SOCKET report to each received datagram (read with recvmsg): SO_TIMESTAMPNS
+    stamps its arrival (CLOCK_REALTIME), SO_RXQ_OVFL counts the datagrams dropped on this socket so far. False
+    where the platform has neither the option nor recvmsg."""
+    if option is None or not hasattr(sock, "recvmsg"):
         return False
     try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-        return True
-    except OSError:
-        return False
-
-
-def _enable_drop_count(sock: socket.socket) -> bool:
-    """Ask the kernel to report, with each datagram, how many it dropped on this socket (Linux SO_RXQ_OVFL)."""
-    if SO_RXQ_OVFL is None or not hasattr(sock, "recvmsg"):
-        return False
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
+        sock.setsockopt(socket.SOL_SOCKET, option, 1)
         return True
     except OSError:
         return False
@@ -117,8 +108,8 @@ class OscServer:
             self.sock.close()
             raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port") from e
         self.sock.settimeout(0.2)
-        self._kernel_stamps = _enable_timestamps(self.sock)
-        self._drop_count = _enable_drop_count(self.sock)
+        self._kernel_stamps = _enable_report(self.sock, SO_TIMESTAMPNS)
+        self._drop_count = _enable_report(self.sock, SO_RXQ_OVFL)
         self._ancsize = socket.CMSG_SPACE(16) + socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 0
         self._slow = ThreadPoolExecutor(1, thread_name_prefix="pgesam-osc-slow")
         self._stop = threading.Event()

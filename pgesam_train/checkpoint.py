@@ -29,6 +29,11 @@ def save_checkpoint(path: Path, kind: str, config: dict, model: torch.nn.Module,
     state = {"format": FORMAT, "kind": kind, "config": config, "model": model.state_dict(),
              "optimizer": optimizer.state_dict() if optimizer is not None else None,
              "step": step, "epoch": epoch, "extra": extra or {}}
+    return _write_atomically(state, path)
+
+
+def _write_atomically(state: dict, path: Path) -> Path:
+    """torch.save via a temporary file and rename, so an interrupted save never leaves a broken file."""
     tmp = path.with_name(f".{path.name}.partial")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -59,7 +64,4 @@ def without_optimizer(src: Path, dst: Path) -> Path:
     state["optimizer"] = None
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.partial")
-    torch.save(state, tmp)
-    os.replace(tmp, dst)
-    return dst
+    return _write_atomically(state, dst)

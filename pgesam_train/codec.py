@@ -201,7 +201,8 @@ def encoder_sha256(codec: Codec) -> str:
     """Hash of what the embeddings depend on: the encoder's parameters and buffers (fixed DFT and mel bases
     included), and the config fields that shape the encoder. Training the decoder further leaves it unchanged."""
     h = hashlib.sha256()
-    fields = {k: to_dict(codec.config)[k] for k in ENCODER_FIELDS}
+    config = to_dict(codec.config)
+    fields = {k: config[k] for k in ENCODER_FIELDS}
     h.update(json.dumps({"kind": encoder_kind(codec.config), **fields}, sort_keys=True).encode())
     tensors = dict(codec.encoder.named_parameters())
     tensors.update(codec.encoder.named_buffers())

@@ -243,6 +243,7 @@ def render_examples(docs: Path, preset: str, walk_steps: int = 6) -> str:
     codec = find_codec(extra.get("codec"))
     vae, vae_extra = load_vae(Path(extra.get("vae") or paths.checkpoints_dir("vae", preset) / VAE_NAME))
     from .data.latents import load_latents
+    from .evaluate_transformer import centroids
     from .train_transformer import vae_posterior
     lat = load_latents(Path(extra["latents"]), "test")
     mu, _ = vae_posterior(vae.eval(), lat.emb)
@@ -253,12 +254,13 @@ def render_examples(docs: Path, preset: str, walk_steps: int = 6) -> str:
              "(`pgesam_train.render.render_notes`) at each test instrument's mean latent point, pitch 60, and the "
              f"same instrument's real note through the codec. Each WAV keeps the first {EXAMPLE_SECONDS:g} s.", "",
              "| instrument | x, y | generated | real (codec round trip) |", "|---|---|---|---|"]
+    centre = dict(zip(*centroids(mu, lat.instrument_str)))  # instrument -> mean mu (2,)
     spectra = []
     for name in picks:
         sel = np.array([s == name for s in lat.instrument_str])
         at60 = np.flatnonzero(sel & (lat.pitch == 60))
         idx = at60[0] if len(at60) else np.flatnonzero(sel)[0]
-        point = mu[torch.from_numpy(sel)].mean(0)
+        point = centre[name]
         pitch = int(lat.pitch[idx])
         gen = render_notes(model, codec, float(point[0]), float(point[1]), [pitch])[0][:keep]
         with torch.no_grad():
@@ -270,8 +272,7 @@ def render_examples(docs: Path, preset: str, walk_steps: int = 6) -> str:
         lines.append(f"| {name} (MIDI {pitch}) | {float(point[0]):.2f}, {float(point[1]):.2f} | "
                      f"[wav]({docs.name}/{AUDIO}/{name}-generated.wav) | [wav]({docs.name}/{AUDIO}/{name}-real.wav) |")
     save_spectrograms(spectra, sr, docs / FIGURES / "spectrograms.png")
-    a, b = mu[torch.from_numpy(np.array([s == picks[0] for s in lat.instrument_str]))].mean(0), \
-        mu[torch.from_numpy(np.array([s == picks[-1] for s in lat.instrument_str]))].mean(0)
+    a, b = centre[picks[0]], centre[picks[-1]]
     step = int(0.75 * sr)
     walk = [render_notes(model, codec, *map(float, a + (b - a) * t), [60])[0][:step]
             for t in np.linspace(0, 1, walk_steps)]
