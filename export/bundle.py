@@ -125,21 +125,31 @@ def build_manifest(m: Models) -> dict:
     }
 
 
-def write_graphs(m: Models, root: Path, manifest: dict, static: bool = True, weights: str = "fp32"
-                 ) -> dict[str, dict]:
-    """Export every graph into `root` with the manifest's facts as metadata -> the manifest's `graphs`
-    (`weights` "fp16": stored as float16, computed in float32, see `export.storage`)."""
+def write_graphs(m: Models, root: Path, manifest: dict, static: bool = True) -> dict[str, dict]:
+    """Export every graph (float32) into `root` with the manifest's facts as metadata -> the manifest's `graphs`."""
     facts = metadata_facts(manifest)
     graphs = {}
     for spec in graph_specs(m, static):
         t0 = time.perf_counter()
         export_graph(spec, root / spec.file, facts)
-        if weights == "fp16":
-            storage.store_fp16(root / spec.file)
         graphs[spec.name] = graph_entry(root, spec.file)
         log.info("exported %s (%.1f MB) in %.1f s", spec.file, graphs[spec.name]["bytes"] / 1e6,
                  time.perf_counter() - t0)
     return graphs
+
+
+def store_weights(root: Path, graphs: dict[str, dict], weights: str) -> dict[str, dict]:
+    """Rewrite the float32 graphs (not the variants) with `weights` storage ("fp16": stored as float16,
+    computed in float32, see `export.storage`) -> their updated manifest entries."""
+    if weights == "fp32":
+        return graphs
+    out = {}
+    for name, entry in graphs.items():
+        if "variant_of" not in entry:
+            storage.store_fp16(root / entry["file"])
+            entry = graph_entry(root, entry["file"])
+        out[name] = entry
+    return out
 
 
 def export_models(m: Models, out_dir: Path, variants: Sequence[str] = (), static: bool = True,
@@ -159,9 +169,10 @@ def export_models(m: Models, out_dir: Path, variants: Sequence[str] = (), static
         with torch.no_grad():
             manifest = build_manifest(m)
             manifest["weights"] = weights
-            manifest["graphs"] = write_graphs(m, tmp, manifest, static, weights)
-            for variant in variants:
+            manifest["graphs"] = write_graphs(m, tmp, manifest, static)
+            for variant in variants:  # quantised from the float32 graphs, before their storage changes
                 manifest["graphs"].update(quantize.write_variant(tmp, manifest, variant))
+            manifest["graphs"] = store_weights(tmp, manifest["graphs"], weights)
         write_manifest(tmp, manifest)
         _replace_dir(tmp, out_dir)
     finally:

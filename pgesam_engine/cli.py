@@ -14,6 +14,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
@@ -176,33 +177,25 @@ def serve(synth: Synth, host: str, allow_remote: bool, allow: str | None, port: 
           in_dir: Path, audio_fallback: bool, reply_port: int | None, duration: float | None) -> None:
     """Play the instrument, controlled over OSC (UDP). SIGINT or SIGTERM stop it cleanly."""
     from .osc import Router
-    from .osc_server import OscServer, is_loopback
-    if not allow_remote and not is_loopback(host):  # before opening any device
-        raise click.ClickException(f"refusing to listen on {host}: other machines could reach it; pass "
-                                   "--allow-remote (and --allow ADDRESSES) or use --host 127.0.0.1")
+    from .osc_server import OscServer
+    _refuse_remote(host, allow_remote, "listen", "--allow-remote (and --allow ADDRESSES)")  # before any device
     backend = _open_audio(audio_spec, synth.m.sample_rate, blocksize, device, audio_fallback)
     config = EngineConfig(max_voices=voices, cache_mb=cache_mb, allow_outside=allow_outside,
                           output_dir=str(out_dir.resolve()), input_dir=str(in_dir.resolve()),
                           audio_fallback=audio_fallback)
     engine = Engine(synth, backend, config)
-    server = None
-    try:
-        server = OscServer(Router(engine), host, port, allow_remote=allow_remote, allow=allow,
-                           warn=lambda m: click.echo(f"warning: {m}", err=True), reply_port=reply_port)
-        engine.start()
+
+    def announce(server: OscServer) -> None:
         if engine.audio_fallback:
             click.echo(f"warning: audio {engine.audio_fallback}; playing on the null backend (no sound)", err=True)
         if synth.bundle.fallback:
             click.echo(f"warning: {synth.bundle.fallback}; running on CPU", err=True)
         h, p = server.address
         click.echo(f"pgesam listening on {h}:{p} (OSC/UDP); provider {synth.bundle.provider}, "
-                   f"audio {engine.backend.describe()}", err=False)
-        sys.stdout.flush()
-        _serve_until_stopped(server, duration)
-    finally:
-        if server is not None:
-            server.stop()
-        engine.close()
+                   f"audio {engine.backend.describe()}")
+    _run_until_stopped(engine, lambda: OscServer(Router(engine), host, port, allow_remote=allow_remote, allow=allow,
+                                                 warn=lambda m: click.echo(f"warning: {m}", err=True),
+                                                 reply_port=reply_port), announce, duration)
     left = [t.name for t in threading.enumerate() if t.name.startswith("pgesam") and t.is_alive()]
     if left:
         click.echo(f"warning: threads still running at exit: {', '.join(left)}", err=True)
@@ -219,6 +212,30 @@ def _open_audio(spec: str, sample_rate: int, blocksize: int, device: str | None,
             raise
         click.echo(f"warning: {e}; playing on the null backend (no sound)", err=True)
         return open_backend("null", sample_rate, blocksize)
+
+
+def _refuse_remote(host: str, allow_remote: bool, what: str, flags: str) -> None:
+    """A clear refusal to `what` on an address other machines can reach, unless --allow-remote was given."""
+    from .osc_server import is_loopback
+    if not allow_remote and not is_loopback(host):
+        raise click.ClickException(f"refusing to {what} on {host}: other machines could reach it; pass {flags} "
+                                   "or use --host 127.0.0.1")
+
+
+def _run_until_stopped(engine: Engine, make_server: Callable[[], Any], announce: Callable[[Any], None],
+                       duration: float | None) -> None:
+    """Open the server, start the engine, announce, serve until stopped; always stop both again."""
+    server = None
+    try:
+        server = make_server()
+        engine.start()
+        announce(server)
+        sys.stdout.flush()
+        _serve_until_stopped(server, duration)
+    finally:
+        if server is not None:
+            server.stop()
+        engine.close()
 
 
 def _serve_until_stopped(server: object, duration: float | None) -> None:
@@ -304,9 +321,7 @@ def web_page(synth: Synth, host: str, allow_remote: bool, port: int, audio_spec:
              allow_outside: bool, max_upload_mb: float, duration: float | None) -> None:
     """Serve the timbre map as a web page: click a timbre, play keys (needs the `web` extra: aiohttp)."""
     from .osc_server import is_loopback
-    if not is_loopback(host) and not allow_remote:
-        raise click.ClickException(f"refusing to serve the page on {host}: other machines could reach it (the page "
-                                   "has no login); pass --allow-remote, or use --host 127.0.0.1")
+    _refuse_remote(host, allow_remote, "serve the page (it has no login)", "--allow-remote")
     try:
         from .web.server import WebServer
     except ImportError as e:
@@ -314,20 +329,14 @@ def web_page(synth: Synth, host: str, allow_remote: bool, port: int, audio_spec:
     from .web.api import WebApi, WebConfig
     backend = open_backend(audio_spec, synth.m.sample_rate)
     engine = Engine(synth, backend, EngineConfig(cache_mb=cache_mb, allow_outside=allow_outside))
-    server = None
-    try:
-        api = WebApi(engine, WebConfig(max_upload_mb=max_upload_mb, mirror=audio_spec != "null"))
-        server = WebServer(api, host, port)
-        engine.start()
+
+    def announce(server: WebServer) -> None:
         if not is_loopback(host):
             click.echo(f"warning: serving on {host}: anyone who can reach it can use the page", err=True)
         click.echo(f"pgesam web page at {server.url} ; provider {synth.bundle.provider}, audio {backend.describe()}")
-        sys.stdout.flush()
-        _serve_until_stopped(server, duration)
-    finally:
-        if server is not None:
-            server.stop()
-        engine.close()
+    _run_until_stopped(engine, lambda: WebServer(WebApi(engine, WebConfig(max_upload_mb=max_upload_mb,
+                                                                          mirror=audio_spec != "null")), host, port),
+                       announce, duration)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -228,6 +228,7 @@ class Engine:
         """/pgesam/timbre: make (x, y) the current timbre and prerender its pitches -> (x, y, clamped)."""
         kx, ky, moved = self._point(x, y)
         self.timbre_point = (kx, ky)
+        self.cache.pin((kx, ky))  # notes played elsewhere meanwhile must not evict it
         self.prerenderer.request((kx, ky))
         return kx, ky, moved
 

@@ -1,7 +1,8 @@
 """Model work off the audio path: the timbre cache, its background prerenderer, and the note streamer.
 
     TimbreCache   timbre point -> all pitches' audio (n_pitches, samples) float32, filled row by row; a bounded
-                  LRU (bytes), so a note-on on a cached timbre plays from memory with no model work
+                  LRU (bytes), so a note-on on a cached timbre plays from memory with no model work; the
+                  current timbre is pinned, so notes streamed at other points never evict it
     Prerenderer   one thread: setting a timbre renders all its pitches in batches; only the newest request waits
                   (dragging across the map does not queue a render per message); it gives way to streaming
     Streamer      one thread: notes not in the cache are generated and decoded a few frames at a time into a
@@ -42,17 +43,27 @@ class TimbreEntry:
 
 
 class TimbreCache:
-    """Bounded LRU of `TimbreEntry`s keyed by the point rounded to `decimals`. Thread-safe."""
+    """Bounded LRU of `TimbreEntry`s keyed by the point rounded to `decimals`. Thread-safe.
+
+    `pin(key)` exempts one key (the current timbre) from eviction: a flood of notes at other points evicts
+    only other entries, and gets no entry (it streams uncached) when the pinned one leaves no room.
+    """
 
     def __init__(self, pitch_min: int, n_pitches: int, samples: int, max_bytes: int, decimals: int = 3):
         self.pitch_min, self.n_pitches, self.samples = pitch_min, n_pitches, samples
         self.max_bytes, self.decimals = max_bytes, decimals
         self._entries: OrderedDict[Key, TimbreEntry] = OrderedDict()
         self._lock = threading.Lock()
+        self.pinned: Key | None = None
         self.hits = self.misses = self.evictions = 0
 
     def key(self, x: float, y: float) -> Key:
         return (round(float(x), self.decimals), round(float(y), self.decimals))
+
+    def pin(self, key: Key | None) -> None:
+        """Keep `key` whatever else arrives (None unpins); the previously pinned entry becomes evictable."""
+        with self._lock:
+            self.pinned = key
 
     @property
     def entry_bytes(self) -> int:
@@ -77,10 +88,11 @@ class TimbreCache:
             if entry is not None:
                 self._entries.move_to_end(key)
                 return entry
-            if self.entry_bytes > self.max_bytes:
-                return None
-            while self._entries and (len(self._entries) + 1) * self.entry_bytes > self.max_bytes:
-                self._entries.popitem(last=False)
+            while (len(self._entries) + 1) * self.entry_bytes > self.max_bytes:
+                victim = next((k for k in self._entries if k != self.pinned), None)  # least recent first
+                if victim is None:
+                    return None  # too small for one more entry beside the pinned one
+                del self._entries[victim]
                 self.evictions += 1
             entry = self._entries[key] = TimbreEntry(key, self.n_pitches, self.samples)
             return entry
@@ -97,7 +109,8 @@ class TimbreCache:
         with self._lock:
             return {"timbres": len(self._entries), "complete": sum(e.complete for e in self._entries.values()),
                     "bytes": len(self._entries) * self.entry_bytes, "max_bytes": self.max_bytes,
-                    "hits": self.hits, "misses": self.misses, "evictions": self.evictions}
+                    "hits": self.hits, "misses": self.misses, "evictions": self.evictions,
+                    "pinned": list(self.pinned) if self.pinned is not None else None}
 
 
 class Prerenderer:

@@ -104,6 +104,22 @@ def test_timbre_cache_is_a_memory_bounded_lru() -> None:
     assert TimbreCache(48, 25, 1000, max_bytes=10).entry((0.0, 0.0)) is None  # too small to hold one
 
 
+def test_the_pinned_timbre_survives_a_flood_of_other_points() -> None:
+    cache = TimbreCache(48, 25, 1000, max_bytes=2 * 25 * 1000 * 4)
+    cache.put((0.0, 0.0), 60, np.ones(1000, np.float32))
+    cache.pin((0.0, 0.0))
+    for k in range(1, 50):  # notes streamed at 49 other points, each stored when it finishes
+        cache.put((k / 100, 0.0), 60, np.ones(1000, np.float32))
+    assert cache.get(0.0, 0.0, 60) is not None and cache.get(0.49, 0.0, 60) is not None
+    assert cache.state()["timbres"] == 2 and cache.state()["pinned"] == [0.0, 0.0]
+    one = TimbreCache(48, 25, 1000, max_bytes=25 * 1000 * 4)  # room for the pinned timbre only
+    one.put((0.0, 0.0), 60, np.ones(1000, np.float32))
+    one.pin((0.0, 0.0))
+    assert one.entry((0.5, 0.5)) is None and one.get(0.0, 0.0, 60) is not None
+    one.pin((0.5, 0.5))  # a new current timbre: the old one gives way
+    assert one.entry((0.5, 0.5)) is not None and one.get(0.0, 0.0, 60) is None
+
+
 def test_prerender_fills_every_pitch_with_what_render_gives(synth: Synth) -> None:
     cache = TimbreCache(48, 25, synth.m.note_samples, 2 ** 30)
     pre = Prerenderer(synth, cache, batch_size=10, decode_batch=4)

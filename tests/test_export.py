@@ -268,6 +268,21 @@ def encodec_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_codec(tmp_path_factory.mktemp("encodec") / "encodec.pt", codec)
 
 
+def test_fp16_storage_keeps_the_int8_variant_quantised(tiny_export: TinyChain, tmp_path: Path) -> None:
+    """The int8 variant is quantised from the float32 graph: quantising the fp16-stored graph (weights behind
+    Cast nodes) would silently leave every matrix product in float32."""
+    with one_thread():
+        out = export_bundle(tiny_export.codec, tiny_export.vae, tiny_export.transformer, tmp_path / "b",
+                            variants=("int8",), weights="fp16")
+    manifest = read_manifest(out)
+    int8 = onnx.load(str(out / manifest["graphs"]["decoder_step.int8"]["file"]))
+    assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in int8.graph.node)
+    base = onnx.load(str(out / manifest["graphs"]["decoder_step"]["file"]))
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in base.graph.initializer)
+    assert "variant_of" in manifest["graphs"]["decoder_step.int8"]
+    Bundle(out, providers="cpu", threads=1, variant="int8")  # hashes of the rewritten graphs verify
+
+
 def test_codec_of_other_frames_is_refused(tiny_export: TinyChain, encodec_ckpt: Path, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="trained on frames of codec mel-.*--allow-mismatch"):
         export_bundle(encodec_ckpt, tiny_export.vae, tiny_export.transformer, tmp_path / "b")
