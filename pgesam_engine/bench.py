@@ -23,6 +23,7 @@ from collections.abc import Callable
 import numpy as np
 import onnxruntime as ort
 
+from .process_stats import memory_mb
 from .synth import Synth
 
 
@@ -105,18 +106,6 @@ def prerender_time(synth: Synth) -> float:
         pre.close()
 
 
-def _rss_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def osc_latency(synth: Synth, notes: int, blocksize: int = 256) -> dict[str, float]:
     """Loopback OSC note-ons to a null-backend engine: arrival -> first output sample, and idle CPU / RSS."""
     from .audio import NullBackend
@@ -147,7 +136,7 @@ def osc_latency(synth: Synth, notes: int, blocksize: int = 256) -> dict[str, flo
         return {"note_on_p50_ms": now.get("p50_ms", float("nan")), "note_on_p99_ms": now.get("p99_ms", float("nan")),
                 "note_on_jitter_ms": now.get("jitter_ms", float("nan")), "notes": now.get("count", 0),
                 "timed_error_p99_ms": timed.get("p99_ms", float("nan")), "late": engine.scheduler.late,
-                "underruns": engine.backend.underruns, "idle_cpu_percent": idle, "rss_mb": _rss_mb(),
+                "underruns": engine.backend.underruns, "idle_cpu_percent": idle, "rss_mb": memory_mb()["rss_mb"],
                 "block_ms": 1000.0 * blocksize / synth.m.sample_rate}
     finally:
         client.close()

@@ -13,30 +13,23 @@ that fails to open, reports itself gone, or stops asking for blocks is replaced 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from .audio import Backend, NullBackend, write_wav_atomic
+from .client_files import read_audio, wav_target
+from .errors import EngineBusy, EngineError
+from .process_stats import memory_mb
 from .scheduler import Event, Scheduler
 from .synth import Encoded, Synth, SynthError
 from .timbre_cache import Prerenderer, Streamer, TimbreCache
 from .voices import ArraySource, StreamSource, VoicePool, soft_limit, velocity_gain
 
 log = logging.getLogger("pgesam.engine")
-
-
-class EngineError(ValueError):
-    """A request the engine refuses (out of range, missing file); the message is sent back as /pgesam/error."""
-
-
-class EngineBusy(EngineError):
-    """A note dropped because a bound was reached (event queue full, too many notes generating at once)."""
 
 
 @dataclass(frozen=True)
@@ -274,11 +267,7 @@ class Engine:
     def render_note(self, x: float, y: float, pitch: float, path: str, velocity: float = 127) -> str:
         """/pgesam/render: write one whole note to a WAV file (float32, the bundle's rate) -> the path."""
         pitch = self._pitch(pitch)
-        target = confine(path, self.config.output_dir, "render")
-        if target.suffix.lower() != ".wav":
-            raise EngineError(f"cannot write {_clip(path)}: the file name must end in .wav")
-        if not target.parent.is_dir():
-            raise EngineError(f"cannot write {_clip(path)}: folder {target.parent} does not exist")
+        target = wav_target(path, self.config.output_dir)
         kx, ky, _ = self._point(x, y)
         audio = self.cache.get(kx, ky, pitch)
         if audio is None:
@@ -288,18 +277,7 @@ class Engine:
 
     def encode_file(self, path: str) -> Encoded:
         """/pgesam/encode: an audio file -> its map point, pitch and nearest training instruments."""
-        import soundfile
-        source = confine(path, self.config.input_dir, "encode")
-        try:
-            found = source.is_file()
-        except OSError as e:  # e.g. a name too long
-            raise EngineError(f"cannot read {_clip(path)}: {e.strerror or e}") from e
-        if not found:
-            raise EngineError(f"no audio file at {_clip(path)}")
-        try:
-            audio, sr = soundfile.read(str(source), dtype="float32")
-        except RuntimeError as e:
-            raise EngineError(f"cannot read {path}: {e}") from e
+        audio, sr = read_audio(path, self.config.input_dir)
         try:
             return self.synth.encode_audio(audio, sr)
         except SynthError as e:
@@ -333,7 +311,7 @@ class Engine:
             "max_pending": self.scheduler.max_pending, "dropped_events": self.scheduler.dropped,
             "cancelled_events": self.scheduler.cancelled,
             "streams": sum(1 for s in self._streams if not s.finished), "max_streams": self.max_streams,
-            "dropped_streams": self.dropped_streams, **_memory_mb(),
+            "dropped_streams": self.dropped_streams, **memory_mb(),
         }
         for source in list(self.status_sources):
             out.update(source())
@@ -368,52 +346,8 @@ class Engine:
                 self.scheduler.cancel_before(ev.seq)
 
 
-def _clip(text: str, n: int = 120) -> str:
-    return text if len(text) <= n else text[:n] + f"... ({len(text)} characters)"
-
-
-def confine(path: str, root: str | Path | None, what: str) -> Path:
-    """A file path sent by a client -> the file it names; with `root`, only a file inside `root`.
-
-    Relative paths are taken from `root`; `..` is refused; symlinks are followed to where they really lead and
-    refused when that is outside `root`. Without `root` the path is used as given (`~` expanded).
-    """
-    if "\x00" in path:
-        raise EngineError(f"{what} path contains a NUL character")
-    if root is None:
-        return Path(path).expanduser()
-    p = Path(path)
-    if ".." in p.parts:
-        raise EngineError(f"{what} path {_clip(path)!r} is refused: it contains '..'")
-    base = Path(root).expanduser().resolve()
-    try:
-        full = (base / p).resolve()  # an absolute p replaces base
-    except (OSError, RuntimeError) as e:  # a name too long, a symlink loop
-        raise EngineError(f"{what} path {_clip(path)!r} cannot be resolved: {e}") from e
-    if not full.is_relative_to(base):
-        raise EngineError(f"{what} path {_clip(path)!r} is refused: it is (or links to a place) outside the "
-                          f"allowed folder {base}; give a path inside it")
-    return full
-
-
 def _stop_quietly(backend: Backend) -> None:
     try:
         backend.stop()
     except Exception as e:  # a vanished device may fail to stop; it is replaced already
         log.info("stopping the replaced %s backend failed: %s", backend.name, e)
-
-
-def _memory_mb() -> dict:
-    """Resident memory of this process now and at its peak, MB (Linux /proc and getrusage; -1 elsewhere)."""
-    now = peak = -1.0
-    try:
-        with open("/proc/self/statm") as f:
-            now = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        import resource
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
-    except (ImportError, OSError):
-        pass
-    return {"rss_mb": round(now, 1), "peak_rss_mb": round(peak, 1)}

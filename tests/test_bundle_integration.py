@@ -3,7 +3,6 @@ generate the notes pgesam_train.generate generates, render the audio the torch r
 the same audio, place audio on the VAE's map, and `pgesam-train export --check` must pass on the bundle."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
