@@ -207,7 +207,8 @@ def run_ablations(cfg: VAEConfig, cache_dir: Path, out_dir: Path, baseline: Path
         rows[name] = variance_analysis(mu, np.array(train.instrument_str), train.pitch)
         if name != "baseline":
             panels.append((ABLATION_TITLES[name], mu, train.family, train.instrument))
-    write_report(out_dir, "table6", {"checkpoints": {k: str(v) for k, v in ckpts.items()}, **rows},
+    write_report(out_dir, "table6", {"checkpoints": {k: str(v) for k, v in ckpts.items()}, "epochs": cfg.epochs,
+                                     **rows},
                  ablation_markdown(rows))
     save_ablation_figure(out_dir / "ablation.png", panels)
     return rows

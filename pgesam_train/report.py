@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import paths
+from .config import vae_preset
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,24 @@ def section_ablations(inp: ReportInputs, docs: Path) -> str:
     if md is None:
         return head + _pending(f"pgesam-train vae ablate --preset {inp.preset}")
     fig = _copy_figure(inp.ablations / "ablation.png", docs, "ablation.png")
-    return head + "\n".join([f"`pgesam-train vae ablate --preset {inp.preset}`:", "", md, "", fig or ""])
+    epochs = ablation_epochs((_read_json(inp.ablations / "table6.json") or {}).get("ours", {}))
+    command = f"pgesam-train vae ablate --preset {inp.preset}"
+    if epochs is not None and epochs != vae_preset(inp.preset).epochs:
+        command += f" --epochs {epochs}"
+        md = (f"Every run, baseline included, trained {epochs} epochs (the shipped VAE: "
+              f"{vae_preset(inp.preset).epochs}), so the rows compare like with like.\n\n{md}")
+    return head + "\n".join([f"`{command}`:", "", md, "", fig or ""])
+
+
+def ablation_epochs(table6: dict) -> int | None:
+    """Epochs of the ablation runs: recorded in table6.json ("ours"), or else read from its baseline checkpoint."""
+    if "epochs" in table6:
+        return int(table6["epochs"])
+    baseline = table6.get("checkpoints", {}).get("baseline")
+    if not baseline or not Path(baseline).is_file():
+        return None
+    from .checkpoint import load_checkpoint
+    return int(load_checkpoint(Path(baseline), "vae")["config"]["epochs"])
 
 
 def section_transformer(inp: ReportInputs, docs: Path) -> str:

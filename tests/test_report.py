@@ -39,3 +39,17 @@ def test_evaluation_outputs_and_figures_are_carried_in(tmp_path, monkeypatch):
     assert (docs / "figures" / "pitch_by_pitch.png").stat().st_size > 1000
     assert text.rstrip().endswith("Fewer steps.")
     assert pitch_by_pitch({"audio": audio}) == {"test_generated": {48: 0.5, 60: 0.5}}
+
+
+def test_ablations_at_other_epochs_say_so_in_their_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("PGESAM_HOME", str(tmp_path / "home"))
+    ab = tmp_path / "runs" / "vae-ablate-small"
+    ab.mkdir(parents=True)
+    (ab / "table6.md").write_text("| Baseline | [1, 2] |\n")
+    (ab / "table6.json").write_text(json.dumps({"ours": {"epochs": 30, "checkpoints": {}}, "paper": {}}))
+    inp = ReportInputs(dataset=tmp_path / "no-dataset", runs=tmp_path / "runs")
+    text = write_report(tmp_path / "REPORT.md", tmp_path / "docs", inp, examples=False).read_text()
+    assert "`pgesam-train vae ablate --preset small --epochs 30`" in text and "trained 30 epochs" in text
+    (ab / "table6.json").write_text(json.dumps({"ours": {"epochs": 80}, "paper": {}}))  # the preset's own
+    text = write_report(tmp_path / "REPORT.md", tmp_path / "docs", inp, examples=False).read_text()
+    assert "`pgesam-train vae ablate --preset small`:" in text and "--epochs" not in text
