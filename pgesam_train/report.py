@@ -167,7 +167,8 @@ def section_transformer(inp: ReportInputs, docs: Path) -> str:
     per_pitch = pitch_by_pitch(metrics)
     if per_pitch:
         fig = save_pitch_plot(per_pitch, docs / FIGURES / "pitch_by_pitch.png")
-    return head + "\n".join([f"`pgesam-train transformer eval --preset {inp.preset}`:", "", md, "",
+    command = metrics.get("command", f"pgesam-train transformer eval --preset {inp.preset}")
+    return head + "\n".join([f"`{command}`:", "", md, "",
                              f"![pitch accuracy by pitch]({docs.name}/{FIGURES}/{fig.name})" if fig else ""])
 
 
