@@ -118,6 +118,31 @@ def pipeline_command(preset: str, stages: tuple[str, ...], codec_steps: int | No
     run_pipeline(plan, stages or STAGES, echo=click.echo)
 
 
+@main.command("bundle-pitch")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--variant", "variants", multiple=True, help="Also a quantised variant of the bundle (int8, fp16).")
+@click.option("--instruments", type=click.IntRange(1), default=4, show_default=True,
+              help="Training instruments whose map points are rendered (every pitch at each).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Which instruments.")
+@click.option("--every", type=click.IntRange(1), default=1, show_default=True, help="Only every N-th pitch.")
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the result as JSON here.")
+def bundle_pitch_command(bundle: Path, variants: tuple[str, ...], instruments: int, seed: int, every: int,
+                         threads: int | None, json_out: Path | None) -> None:
+    """Pitch accuracy (torchcrepe) of the notes BUNDLE renders in the engine, and of its quantised variants."""
+    import json
+
+    from .eval_bundle import bundle_pitch, markdown
+    try:
+        result = bundle_pitch(bundle, (None, *variants), instruments, seed, threads, every, echo=click.echo)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(markdown(result))
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=1))
+
+
 @main.command("report")
 @click.option("--preset", type=click.Choice(["small", "tiny", "paper"]), default="small", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("REPORT.md"), show_default=True)

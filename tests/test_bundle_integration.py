@@ -92,3 +92,21 @@ def test_cli_check_passes_on_the_exported_bundle(tiny_export: TinyChain) -> None
     assert "every graph matches torch" in result.output
     for graph in ("vae_encoder", "transformer_encoder", "decoder_step_static", "codec_decoder_stream", "note"):
         assert f"| {graph} |" in result.output
+
+
+def test_bundle_pitch_judges_the_bundle_and_its_int8_variant(tiny_export: TinyChain, tmp_path) -> None:  # noqa: F811
+    import json
+
+    from click.testing import CliRunner
+
+    from pgesam_train.cli import main
+    out = tmp_path / "pitch.json"
+    result = CliRunner().invoke(main, ["bundle-pitch", str(tiny_export.bundle), "--variant", "int8",
+                                       "--instruments", "1", "--every", "12", "--threads", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"float32 graphs", "int8"} and all(0 <= r["within_50c"] <= 1 for r in rows.values())
+    assert rows["int8"]["notes"] == rows["float32 graphs"]["notes"] == 3  # pitches 48, 60, 72
+    assert "| int8 |" in result.output
+    missing = CliRunner().invoke(main, ["bundle-pitch", str(tiny_export.bundle), "--variant", "fp16"])
+    assert missing.exit_code != 0 and "no 'fp16' variant" in missing.output
