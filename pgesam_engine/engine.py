@@ -91,6 +91,7 @@ class Engine:
                                 max_block=max(4096, backend.blocksize))
         self.scheduler = Scheduler(backend.clock, backend.latency_samples, max_pending=config.max_pending_events)
         self.timbre_point = self._point(*config.default_timbre)[:2]
+        self.cache.pin(self.timbre_point)
         self.started = False
         self.max_streams = config.max_streams or config.max_voices
         self._streams: list[StreamSource] = []
