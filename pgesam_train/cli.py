@@ -139,8 +139,10 @@ def bundle_pitch_command(bundle: Path, variants: tuple[str, ...], instruments: i
     except ValueError as e:
         raise click.ClickException(str(e)) from e
     click.echo(markdown(result))
-    if json_out is not None:
-        json_out.write_text(json.dumps(result, indent=1))
+    if json_out is not None:  # via a temporary file, so an interrupted write leaves no half a file
+        tmp = json_out.with_name(f".{json_out.name}.partial")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(json_out)
 
 
 @main.command("report")

@@ -57,6 +57,10 @@ class ReportInputs:
         return self.run("engine-bench") / "bench.json"
 
     @property
+    def bundle_pitch(self) -> Path:
+        return self.run(f"bundle-pitch-{self.preset}.json")
+
+    @property
     def torch_bench(self) -> Path:
         return self.run(f"bench-{self.preset}")
 
@@ -179,6 +183,17 @@ def section_bench(inp: ReportInputs) -> str:
         return head + _pending(f"mkdir -p {inp.engine_bench.parent} && pgesam bench --json > {inp.engine_bench}")
     from pgesam_engine.bench import markdown
     return head + f"`pgesam bench --json > {inp.engine_bench}` on the shipped bundle:\n\n" + markdown(report)
+
+
+def section_bundle_pitch(inp: ReportInputs) -> str:
+    head = "## The bundle's own notes (onnxruntime, fp16 weight storage, int8 variant)\n\n"
+    result = _read_json(inp.bundle_pitch)
+    command = (f"pgesam-train export --preset {inp.preset} --weights fp16 --no-static --variant int8 --out B && "
+               f"pgesam-train bundle-pitch B --variant int8 --instruments 4 --json {inp.bundle_pitch}")
+    if result is None:
+        return head + _pending(command)
+    from .eval_bundle import markdown
+    return head + f"`{command}`:\n\n" + markdown(result)
 
 
 def section_training() -> str:
@@ -327,7 +342,8 @@ def write_report(out: Path, docs: Path, inp: ReportInputs, examples: bool = True
         "accuracies and variance ratios are.",
         "", section_training(), "", section_data(inp), "", section_codec(inp, docs), "", section_vae(inp, docs), "",
         section_ablations(inp, docs), "", section_transformer(inp, docs), "",
-        render_examples(docs, inp.preset) if examples else "", "", section_bench(inp)]
+        render_examples(docs, inp.preset) if examples else "", "", section_bundle_pitch(inp), "",
+        section_bench(inp)]
     if shortfalls:
         parts += ["", "## Where we fall short of the paper, and why", "", shortfalls.strip()]
     Path(out).write_text("\n".join(parts).replace("\n\n\n", "\n\n") + "\n")

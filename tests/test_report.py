@@ -12,11 +12,12 @@ def test_missing_inputs_say_which_command_to_run(tmp_path, monkeypatch):
     inp = ReportInputs(dataset=tmp_path / "no-dataset", runs=tmp_path / "runs")
     text = write_report(tmp_path / "REPORT.md", tmp_path / "docs", inp, examples=False).read_text()
     for heading in ("## Where each model was trained", "## Data", "## Codec", "## Stage 1", "## Ablations",
-                    "## Stage 2", "## Engine speed"):
+                    "## Stage 2", "## The bundle's own notes", "## Engine speed"):
         assert heading in text
     assert "`pgesam-train vae eval --preset small`" in text
     assert "`pgesam-train codec eval --checkpoint" in text
-    assert text.count("Not measured yet") == 6
+    assert text.count("Not measured yet") == 7
+    assert "`pgesam-train export --preset small --weights fp16 --no-static --variant int8 --out B" in text
 
 
 def test_evaluation_outputs_and_figures_are_carried_in(tmp_path, monkeypatch):
