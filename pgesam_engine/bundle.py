@@ -316,6 +316,11 @@ class Bundle:
             if key in meta and int(float(meta[key])) != value:
                 raise BundleError(f"{file} says {key}={meta[key]} but manifest.json says {value}; re-export")
 
+    @property
+    def threads(self) -> int | None:
+        """Intra-op threads per session as asked for (None: the default, min(4, CPUs))."""
+        return self._threads
+
     def has(self, graph: str) -> bool:
         return graph in self.sessions
 

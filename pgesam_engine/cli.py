@@ -300,6 +300,9 @@ def bench(synth: Synth, as_json: bool, repeats: int, notes: int, with_torch: boo
     from .bench import markdown, run_bench
     report = run_bench(synth, repeats=repeats, notes=notes, with_torch=with_torch,
                        log=lambda s: click.echo(s, err=True))
+    threads = synth.bundle.threads
+    report["command"] = (f"pgesam bench --json --repeats {repeats} --notes {notes}"
+                         + (f" --threads {threads}" if threads else "") + ("" if with_torch else " --no-torch"))
     click.echo(json.dumps(report, indent=2) if as_json else markdown(report))
 
 

@@ -182,7 +182,8 @@ def section_bench(inp: ReportInputs) -> str:
     if report is None:
         return head + _pending(f"mkdir -p {inp.engine_bench.parent} && pgesam bench --json > {inp.engine_bench}")
     from pgesam_engine.bench import markdown
-    return head + f"`pgesam bench --json > {inp.engine_bench}` on the shipped bundle:\n\n" + markdown(report)
+    command = report.get("command", "pgesam bench --json")
+    return head + f"`{command} > {inp.engine_bench}` on the shipped bundle:\n\n" + markdown(report)
 
 
 def section_bundle_pitch(inp: ReportInputs) -> str:

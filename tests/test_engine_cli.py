@@ -73,3 +73,4 @@ def test_bench_json_has_every_figure(tiny_bundle: Path) -> None:  # noqa: F811
     g, rt = report["generation"], report["realtime"]
     assert {"decoder_step_ms_b1", "decoder_step_ms_b25", "note_rtf", "prerender_s", "stream_first_p50_ms"} <= set(g)
     assert rt["notes"] == 10 and {"note_on_p99_ms", "note_on_jitter_ms", "idle_cpu_percent", "rss_mb"} <= set(rt)
+    assert report["command"] == "pgesam bench --json --repeats 3 --notes 10 --no-torch"  # the report prints it
