@@ -187,6 +187,7 @@ class TransformerConfig:
     pitch_min: int = 48  # MIDI of pitch class 0
     z_noise: float = 0.01  # beta in z~ = mu + sigma * eps * beta
     # training
+    input_noise: float = 0.0  # std (normalised units) of Gaussian noise on the teacher-forced decoder inputs
     lr: float = 3e-4
     min_lr_ratio: float = 0.1  # cosine decay to lr * this
     warmup_steps: int = 500

@@ -80,10 +80,21 @@ def note_set(lat: Latents, vae: VAE, cfg: TransformerConfig) -> NoteSet:
 
 
 def teacher_forced_loss(model: TimbreTransformer, z: torch.Tensor, pitch: torch.Tensor,
-                        frames: torch.Tensor) -> torch.Tensor:
-    """MSE of next-frame predictions in normalised units; frames (B, T, dim) are the targets."""
+                        frames: torch.Tensor, input_noise: float = 0.0,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """MSE of next-frame predictions in normalised units; frames (B, T, dim) are the targets.
+
+    `input_noise` > 0 adds Gaussian noise of that std (in units of the embedding std) to the decoder's input
+    frames, not to <BOS> nor to the targets: at 75 frames/s the next frame is close to a copy of the last one, and
+    clean inputs teach the decoder to copy rather than to use its pitch/timbre conditioning, which free-running
+    generation then pays for (exposure bias).
+    """
+    inputs = frames[:, :-1]
+    if input_noise > 0:
+        noise = torch.randn(inputs.shape, generator=generator).to(inputs.device)
+        inputs = inputs + noise * (input_noise * model.emb_std)
     bos = torch.zeros_like(frames[:, :1])
-    pred = model(z, pitch, torch.cat([bos, frames[:, :-1]], dim=1))  # (B, T, dim)
+    pred = model(z, pitch, torch.cat([bos, inputs], dim=1))  # (B, T, dim)
     return torch.mean(((pred - frames) / model.emb_std) ** 2)
 
 
@@ -93,6 +104,15 @@ def lr_at(cfg: TransformerConfig, step: int) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def rewarm_factor(cfg: TransformerConfig, step: int, rewarm_from: int | None) -> float:
+    """LR multiplier after a resume that had no optimizer state (fresh Adam moments): a linear ramp over
+    warmup_steps // 4 steps from `rewarm_from`, so the first updates do not jolt a trained model."""
+    if rewarm_from is None:
+        return 1.0
+    ramp = max(1, cfg.warmup_steps // 4)
+    return min(1.0, (step - rewarm_from + 1) / ramp)
 
 
 def build_optimizer(model: TimbreTransformer, cfg: TransformerConfig) -> torch.optim.AdamW:
@@ -108,15 +128,15 @@ def _step_generator(cfg: TransformerConfig, step: int) -> torch.Generator:
 
 
 def train_step(model: TimbreTransformer, opt: torch.optim.Optimizer, data: NoteSet, cfg: TransformerConfig,
-               step: int, device: torch.device | str) -> float:
-    """One optimiser step on a batch drawn by (seed, step); returns the loss."""
+               step: int, device: torch.device | str, lr: float) -> float:
+    """One optimiser step at learning rate `lr` on a batch drawn by (seed, step); returns the loss."""
     g = _step_generator(cfg, step)
     idx = torch.randint(len(data), (cfg.batch_size,), generator=g)
     batch = data.batch(idx, torch.randn(cfg.batch_size, 2, generator=g), cfg.z_noise, device)
     torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout masks
     for group in opt.param_groups:
-        group["lr"] = lr_at(cfg, step)
-    loss = teacher_forced_loss(model, *batch)
+        group["lr"] = lr
+    loss = teacher_forced_loss(model, *batch, cfg.input_noise, g)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -138,13 +158,18 @@ def validate(model: TimbreTransformer, data: NoteSet, cfg: TransformerConfig, de
     return float(np.mean(losses))
 
 
+# training fields a resumed run takes from the command, not from the checkpoint it continues
+RESUME_OVERRIDES = ("steps", "input_noise")
+
+
 def _start(cfg: TransformerConfig, ckpt: Path, resume: bool, train_emb: np.ndarray
            ) -> tuple[TimbreTransformer, dict | None]:
-    """A fresh model (normalised on the training split) or, with resume, the one in `ckpt` with cfg.steps."""
+    """A fresh model (normalised on the training split) or, with resume, the one in `ckpt`, its architecture
+    and the RESUME_OVERRIDES fields of `cfg`."""
     if resume and ckpt.is_file():
         state = load_checkpoint(ckpt, KIND)
         stored = from_dict(TransformerConfig, state["config"])
-        model = TimbreTransformer(dataclasses.replace(stored, steps=cfg.steps))
+        model = TimbreTransformer(dataclasses.replace(stored, **{k: getattr(cfg, k) for k in RESUME_OVERRIDES}))
         model.load_state_dict(state["model"])
         return model, state
     if resume:
@@ -183,19 +208,24 @@ def train_transformer(cfg: TransformerConfig, cache_dir: Path, vae_path: Path, o
     step, extra = 0, {"vae": str(vae_path), "vae_sha256": file_sha256(vae_path), "latents": str(cache_dir),
                       "codec": train_lat.meta.get("codec"), "best_valid": float("inf")}
     if state is not None:
-        if state.get("optimizer"):  # shipped checkpoints carry none (`checkpoint.without_optimizer`)
+        step, extra = state["step"], {**extra, "best_valid": state["extra"].get("best_valid", float("inf")),
+                                      "rewarm_from": state["extra"].get("rewarm_from")}
+        if state.get("optimizer"):
             opt.load_state_dict(state["optimizer"])
-        step, extra = state["step"], {**extra, "best_valid": state["extra"].get("best_valid", float("inf"))}
+        else:  # shipped checkpoints carry none (`checkpoint.without_optimizer`)
+            extra["rewarm_from"] = step
+            log.info("no optimizer state in %s: fresh moments, learning rate re-warmed from step %d", ckpt, step)
     log.info("transformer %s params, %d train notes, steps %d -> %d", f"{model.num_params():,}", len(train), step,
              cfg.steps)
     steps_log, valid_log = CSVLog(out_dir / "steps.csv"), CSVLog(out_dir / "valid.csv")
     t0, recent = time.time(), []
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     while step < end:
-        recent.append(train_step(model, opt, train, cfg, step, device))
+        lr = lr_at(cfg, step) * rewarm_factor(cfg, step, extra.get("rewarm_from"))
+        recent.append(train_step(model, opt, train, cfg, step, device, lr))
         step += 1
         if step % cfg.log_every == 0 or step == cfg.steps:
-            steps_log.write(step=step, lr=lr_at(cfg, step - 1), loss=float(np.mean(recent)),
+            steps_log.write(step=step, lr=lr, loss=float(np.mean(recent)),
                             seconds=round(time.time() - t0, 2))
             log.info("step %d/%d loss %.5f (%.2f s/step)", step, cfg.steps, np.mean(recent),
                      (time.time() - t0) / len(recent))

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from pgesam_train.checkpoint import load_checkpoint, save_checkpoint
+from pgesam_train.checkpoint import load_checkpoint, save_checkpoint, without_optimizer
 from pgesam_train.config import TransformerConfig, from_dict, to_dict, transformer_preset, vae_preset
 from pgesam_train.data.latents import LatentWriter, load_latents
 from pgesam_train.evaluate_transformer import evaluate_transformer, write_report
 from pgesam_train.generate import cross_kv_shape, empty_cache
-from pgesam_train.train_transformer import BEST_NAME, train_transformer
+from pgesam_train.train_transformer import BEST_NAME, lr_at, teacher_forced_loss, train_transformer
 from pgesam_train.train_vae import embedding_stats
 from pgesam_train.transformer import TimbreTransformer, load_transformer
 from pgesam_train.vae import VAE, load_vae
@@ -219,6 +219,44 @@ def test_resume_continues_exactly(cache_and_vae: tuple[Path, Path], tmp_path: Pa
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
     assert _losses(tmp_path / "b" / "steps.csv")[-1] == _losses(tmp_path / "a" / "steps.csv")[-1]
+
+
+def test_input_noise_touches_inputs_only(model: TimbreTransformer) -> None:
+    z, pitch, frames = _inputs(model.config)
+    clean = teacher_forced_loss(model, z, pitch, frames)
+    assert teacher_forced_loss(model, z, pitch, frames, 0.0, torch.Generator().manual_seed(5)) == clean
+    noisy = [teacher_forced_loss(model, z, pitch, frames, 0.5, torch.Generator().manual_seed(s)) for s in (5, 5, 6)]
+    assert noisy[0] == noisy[1] != noisy[2] and noisy[0] != clean  # drawn from the generator, so resume is exact
+    # causal decoder: noise on inputs 0..T-2 cannot reach the first prediction, which reads only <BOS>
+    bos = torch.zeros_like(frames[:, :1])
+    first = model(z, pitch, bos)[:, 0]
+    seen: list[torch.Tensor] = []
+    hook = model.head.register_forward_hook(lambda mod, inp, out: seen.append(out))
+    teacher_forced_loss(model, z, pitch, frames, 0.5, torch.Generator().manual_seed(5))
+    hook.remove()
+    torch.testing.assert_close(seen[0][:, 0] * model.emb_std + model.emb_mean, first)
+
+
+def test_resume_takes_input_noise_from_the_command(cache_and_vae: tuple[Path, Path], tmp_path: Path) -> None:
+    cache, vae_path = cache_and_vae
+    train_transformer(tiny_train(8), cache, vae_path, tmp_path, threads=1)
+    resumed = load_transformer(train_transformer(tiny_train(12, input_noise=0.3), cache, vae_path, tmp_path,
+                                                 resume=True, threads=1))[0]
+    assert resumed.config.input_noise == 0.3 and resumed.config.steps == 12
+    assert load_checkpoint(tmp_path / "transformer.pt", "transformer")["step"] == 12
+
+
+def test_resume_without_optimizer_rewarms(cache_and_vae: tuple[Path, Path], tmp_path: Path) -> None:
+    """A shipped (weights-only) checkpoint resumes with fresh Adam moments under a short learning-rate ramp."""
+    cache, vae_path = cache_and_vae
+    cfg = tiny_train(40, warmup_steps=20, log_every=1)  # ramp: 20 // 4 = 5 steps
+    train_transformer(dataclasses.replace(cfg, steps=30), cache, vae_path, tmp_path / "a", threads=1)
+    without_optimizer(tmp_path / "a" / "transformer.pt", tmp_path / "b" / "transformer.pt")
+    train_transformer(cfg, cache, vae_path, tmp_path / "b", resume=True, threads=1)
+    with open(tmp_path / "b" / "steps.csv", newline="") as f:
+        lrs = {int(r["step"]): float(r["lr"]) for r in csv.DictReader(f)}
+    assert [round(lrs[31 + i] / lr_at(cfg, 30 + i), 6) for i in range(6)] == [0.2, 0.4, 0.6, 0.8, 1.0, 1.0]
+    assert load_checkpoint(tmp_path / "b" / "transformer.pt", "transformer")["extra"]["rewarm_from"] == 30
 
 
 def test_wrong_pitch_range_is_refused(cache_and_vae: tuple[Path, Path], tmp_path: Path) -> None:
