@@ -4,6 +4,11 @@ The report reruns no evaluation: it reads what the evaluation commands wrote und
 names the command that produced its numbers, and says which command to run when its input is missing), and
 renders with the trained models only what no evaluation writes: spectrograms of generated vs real notes, the
 pitch-accuracy-by-pitch plot, and the example WAVs (docs/audio/), including an interpolation walk.
+
+Every text input it reads (the evaluations' Markdown and JSON, dataset.json) is copied into docs/results/, which is
+committed. On a machine whose $PGESAM_HOME lacks a run (a fresh clone, a wiped cache), the report reads that run's
+committed copy instead and says so in its section, so regenerating REPORT.md after one new evaluation does not
+drop the tables of the others.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from .config import vae_preset
 
 log = logging.getLogger(__name__)
 
-FIGURES, AUDIO = "figures", "audio"
+FIGURES, AUDIO, RESULTS = "figures", "audio", "results"
 EXAMPLE_SECONDS = 2.0  # example WAVs keep the first 2 s of each note (the repo stays small)
 
 
@@ -32,9 +37,35 @@ class ReportInputs:
     preset: str = "small"
     dataset: Path = field(default_factory=lambda: paths.dataset_dir("default"))
     runs: Path = field(default_factory=lambda: paths.runs_dir(""))
+    snapshot: Path | None = None  # committed copies of the inputs (docs/results), read where a run is missing
+    used: dict[str, Path] = field(default_factory=dict)  # snapshot name -> the file read for it
 
     def run(self, name: str) -> Path:
         return self.runs / name
+
+    def find(self, live: Path, name: str, like: str | None = None) -> Path:
+        """The input file `live` if it exists, else its committed copy `name` under the snapshot when there is one;
+        with `like`, from wherever the input `like` (read before, from the same run) came, so one section never
+        mixes a live run with an old copy. Records which was read (see `save_snapshot`)."""
+        copy = self.snapshot / name if self.snapshot is not None else None
+        if like is not None:
+            use_copy = self.from_snapshot(like)
+        else:
+            use_copy = not Path(live).is_file() and copy is not None and copy.is_file()
+        chosen = copy if use_copy and copy is not None else Path(live)
+        self.used[name] = chosen
+        return chosen
+
+    def from_snapshot(self, name: str) -> bool:
+        return self.snapshot is not None and self.used.get(name, Path()).is_relative_to(self.snapshot)
+
+    def provenance(self, *names: str) -> str:
+        """A note for a section whose inputs came from the committed snapshot ("" otherwise)."""
+        copied = [n for n in names if self.from_snapshot(n)]
+        if not copied:
+            return ""
+        return (f"*From the committed copy `docs/{RESULTS}/{copied[0]}`: the run itself is not on the machine that "
+                "wrote this report.*\n\n")
 
     @property
     def codec_eval(self) -> Path:
@@ -83,11 +114,15 @@ def _pending(command: str) -> str:
     return f"*Not measured yet.* Run `{command}`, then `pgesam-train report` again."
 
 
-def _copy_figure(src: Path, docs: Path, name: str) -> str | None:
-    """Copy a PNG into docs/figures/ -> its Markdown image link relative to REPORT.md, or None if missing."""
-    if not Path(src).is_file():
-        return None
+def _copy_figure(src: Path, docs: Path, name: str, keep_committed: bool = False) -> str | None:
+    """Copy a PNG into docs/figures/ -> its Markdown image link relative to REPORT.md, or None if missing.
+
+    keep_committed: the section's text came from the committed snapshot, so the figure already in docs/figures
+    (written from the same run) stays linked when `src` is gone.
+    """
     dst = docs / FIGURES / name
+    if not Path(src).is_file():
+        return f"![{name}]({docs.name}/{FIGURES}/{name})" if keep_committed and dst.is_file() else None
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dst)
     return f"![{name}]({docs.name}/{FIGURES}/{name})"
@@ -95,7 +130,7 @@ def _copy_figure(src: Path, docs: Path, name: str) -> str | None:
 
 # -------------------------------------------------------------------------------------------- sections
 def section_data(inp: ReportInputs) -> str:
-    meta = _read_json(inp.dataset / "dataset.json")
+    meta = _read_json(inp.find(inp.dataset / "dataset.json", "dataset.json"))
     if meta is None:
         return "## Data\n\n" + _pending("pgesam-train dataset build --preset default")
     rows = ["| soundfont | Debian package | origin | licence |", "|---|---|---|---|"]
@@ -106,17 +141,20 @@ def section_data(inp: ReportInputs) -> str:
         f"`pgesam-train dataset build --preset default` ({meta['seconds'].get('total', '?')} s): NSynth-format "
         f"notes rendered from Debian's General-MIDI soundfonts with FluidSynth, instrument-disjoint splits. "
         f"{excluded} candidate instruments were excluded by the pitch screen (see dataset.json).", "",
+        inp.provenance("dataset.json"),
         meta["summary"].strip(), "", *rows])
 
 
 def section_codec(inp: ReportInputs, docs: Path) -> str:
-    md = _read_text(inp.codec_eval / "results.md")
+    name = f"{inp.codec_eval.name}/results.md"
+    md = _read_text(inp.find(inp.codec_eval / "results.md", name))
     head = "## Codec (test instruments)\n\n"
     if md is None:
         return head + _pending("pgesam-train codec eval --checkpoint $PGESAM_HOME/checkpoints/codec/small/stft.pt")
     pngs = sorted(inp.codec_eval.glob("*.png"))[:1]
-    figure = _copy_figure(pngs[0], docs, "codec_spectrogram.png") if pngs else None
-    return head + "\n".join([
+    figure = _copy_figure(pngs[0] if pngs else inp.codec_eval / "missing.png", docs, "codec_spectrogram.png",
+                          inp.from_snapshot(name))
+    return head + inp.provenance(name) + "\n".join([
         "`pgesam-train codec eval --checkpoint CKPT [--checkpoint CKPT ...] --limit N` (ground truth and the "
         "Griffin-Lim floor are always included; rows are named after the checkpoint files; the exact command of "
         "this table and the other designs compared are in `docs/codec-comparison.md`):", "", md, "",
@@ -124,30 +162,33 @@ def section_codec(inp: ReportInputs, docs: Path) -> str:
 
 
 def section_vae(inp: ReportInputs, docs: Path) -> str:
-    md = _read_text(inp.vae_eval / "vae_eval.md")
+    name = f"{inp.vae_eval.name}/vae_eval.md"
+    md = _read_text(inp.find(inp.vae_eval / "vae_eval.md", name))
     head = "## Stage 1: the timbre VAE (Tables 3-5)\n\n"
     if md is None:
         return head + _pending(f"pgesam-train vae eval --preset {inp.preset}")
-    maps = [_copy_figure(inp.vae_eval / f"timbre_map_{s}.png", docs, f"timbre_map_{s}.png") for s in ("train",
-                                                                                                   "test")]
-    return head + "\n".join([f"`pgesam-train vae eval --preset {inp.preset}`:", "", md, "",
+    maps = [_copy_figure(inp.vae_eval / f"timbre_map_{s}.png", docs, f"timbre_map_{s}.png", inp.from_snapshot(name))
+            for s in ("train", "test")]
+    return head + inp.provenance(name) + "\n".join([f"`pgesam-train vae eval --preset {inp.preset}`:", "", md, "",
                              "Timbre maps (Figure 3 style; training, then test instruments):", "",
                              *[m for m in maps if m]])
 
 
 def section_ablations(inp: ReportInputs, docs: Path) -> str:
-    md = _read_text(inp.ablations / "table6.md")
+    name = f"{inp.ablations.name}/table6.md"
+    md = _read_text(inp.find(inp.ablations / "table6.md", name))
     head = "## Ablations (Table 6, Figure 4)\n\n"
     if md is None:
         return head + _pending(f"pgesam-train vae ablate --preset {inp.preset}")
-    fig = _copy_figure(inp.ablations / "ablation.png", docs, "ablation.png")
-    epochs = ablation_epochs((_read_json(inp.ablations / "table6.json") or {}).get("ours", {}))
+    fig = _copy_figure(inp.ablations / "ablation.png", docs, "ablation.png", inp.from_snapshot(name))
+    table6 = _read_json(inp.find(inp.ablations / "table6.json", f"{inp.ablations.name}/table6.json", name)) or {}
+    epochs = ablation_epochs(table6.get("ours", {}))
     command = f"pgesam-train vae ablate --preset {inp.preset}"
     if epochs is not None and epochs != vae_preset(inp.preset).epochs:
         command += f" --epochs {epochs}"
         md = (f"Every run, baseline included, trained {epochs} epochs (the shipped VAE: "
               f"{vae_preset(inp.preset).epochs}), so the rows compare like with like.\n\n{md}")
-    return head + "\n".join([f"`{command}`:", "", md, "", fig or ""])
+    return head + inp.provenance(name) + "\n".join([f"`{command}`:", "", md, "", fig or ""])
 
 
 def ablation_epochs(table6: dict) -> int | None:
@@ -162,39 +203,43 @@ def ablation_epochs(table6: dict) -> int | None:
 
 
 def section_transformer(inp: ReportInputs, docs: Path) -> str:
-    md = _read_text(inp.transformer_eval / "transformer_eval.md")
+    name = f"{inp.transformer_eval.name}/transformer_eval.md"
+    md = _read_text(inp.find(inp.transformer_eval / "transformer_eval.md", name))
     head = "## Stage 2: the Transformer (Tables 3-4) and the pitch of generated audio\n\n"
     if md is None:
         return head + _pending(f"pgesam-train transformer eval --preset {inp.preset}")
-    metrics = _read_json(inp.transformer_eval / "transformer_eval.json") or {}
+    metrics = _read_json(inp.find(inp.transformer_eval / "transformer_eval.json",
+                                  f"{inp.transformer_eval.name}/transformer_eval.json", name)) or {}
     fig = None
     per_pitch = pitch_by_pitch(metrics)
     if per_pitch:
         fig = save_pitch_plot(per_pitch, docs / FIGURES / "pitch_by_pitch.png")
     command = metrics.get("command", f"pgesam-train transformer eval --preset {inp.preset}")
-    return head + "\n".join([f"`{command}`:", "", md, "",
+    return head + inp.provenance(name) + "\n".join([f"`{command}`:", "", md, "",
                              f"![pitch accuracy by pitch]({docs.name}/{FIGURES}/{fig.name})" if fig else ""])
 
 
 def section_bench(inp: ReportInputs) -> str:
     head = "## Engine speed (this kind of machine: 2 CPU cores)\n\n"
-    report = _read_json(inp.engine_bench)
+    name = f"{inp.engine_bench.parent.name}/{inp.engine_bench.name}"
+    report = _read_json(inp.find(inp.engine_bench, name))
     if report is None:
         return head + _pending(f"mkdir -p {inp.engine_bench.parent} && pgesam bench --json > {inp.engine_bench}")
     from pgesam_engine.bench import markdown
     command = report.get("command", "pgesam bench --json")
-    return head + f"`{command} > {inp.engine_bench}` on the shipped bundle:\n\n" + markdown(report)
+    return (head + inp.provenance(name) + f"`{command} > {inp.engine_bench}` on the shipped bundle:\n\n"
+            + markdown(report))
 
 
 def section_bundle_pitch(inp: ReportInputs) -> str:
     head = "## The bundle's own notes (onnxruntime, fp16 weight storage, int8 variant)\n\n"
-    result = _read_json(inp.bundle_pitch)
+    result = _read_json(inp.find(inp.bundle_pitch, inp.bundle_pitch.name))
     command = (f"pgesam-train export --preset {inp.preset} --weights fp16 --no-static --variant int8 --out B && "
                f"pgesam-train bundle-pitch B --variant int8 --instruments 4 --json {inp.bundle_pitch}")
     if result is None:
         return head + _pending(command)
     from .eval_bundle import markdown
-    return head + f"`{command}`:\n\n" + markdown(result)
+    return head + inp.provenance(inp.bundle_pitch.name) + f"`{command}`:\n\n" + markdown(result)
 
 
 def section_training() -> str:
@@ -331,9 +376,27 @@ def save_spectrograms(rows: list[tuple[str, int, np.ndarray, np.ndarray]], sr: i
 
 
 # ------------------------------------------------------------------------------------------- the whole
+def save_snapshot(inp: ReportInputs) -> list[Path]:
+    """Copy every input the report read from a live run into the snapshot folder (atomically, file by file)."""
+    written = []
+    for name, src in inp.used.items():
+        if inp.snapshot is None or inp.from_snapshot(name) or not src.is_file():
+            continue
+        dst = inp.snapshot / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(dst.name + ".tmp")
+        shutil.copyfile(src, tmp)
+        tmp.replace(dst)
+        written.append(dst)
+    return written
+
+
 def write_report(out: Path, docs: Path, inp: ReportInputs, examples: bool = True, shortfalls: str = "") -> Path:
-    """Write REPORT.md at `out` with figures and audio under `docs` (a folder beside it)."""
+    """Write REPORT.md at `out` with figures and audio under `docs` (a folder beside it), and refresh the committed
+    copies of its inputs in docs/results (`save_snapshot`)."""
     docs.mkdir(parents=True, exist_ok=True)
+    if inp.snapshot is None:
+        inp.snapshot = docs / RESULTS
     parts = [
         "# pGESAM-RT: the shipped model against the paper", "",
         f"Written by `pgesam-train report` on {time.strftime('%Y-%m-%d')} ({platform.machine()}, "
@@ -348,4 +411,5 @@ def write_report(out: Path, docs: Path, inp: ReportInputs, examples: bool = True
     if shortfalls:
         parts += ["", "## Where we fall short of the paper, and why", "", shortfalls.strip()]
     Path(out).write_text("\n".join(parts).replace("\n\n\n", "\n\n") + "\n")
+    save_snapshot(inp)
     return Path(out)

@@ -2,7 +2,8 @@
 
 Per note and step, as in Section 3.2: z~ = mu + sigma * eps * beta (beta = `z_noise`, 0.01), with mu and sigma
 the frozen VAE's posterior of that note (computed once at start). The decoder input is <BOS> (zeros) followed by
-frames 0..T-2; the target is frames 0..T-1. AdamW (0.9, 0.95) with linear warm-up and cosine decay.
+frames 0..T-2, with Gaussian noise of std `input_noise` (beyond the paper; see `teacher_forced_loss`); the target
+is frames 0..T-1. AdamW (0.9, 0.95) with linear warm-up and cosine decay.
 
 Outputs in `out_dir`: transformer.pt (latest; kind "transformer"; extra = VAE and latent cache it was trained on,
 codec identity, best validation loss), transformer-best.pt (lowest validation loss), steps.csv, valid.csv.

@@ -54,3 +54,36 @@ def test_ablations_at_other_epochs_say_so_in_their_command(tmp_path, monkeypatch
     (ab / "table6.json").write_text(json.dumps({"ours": {"epochs": 80}, "paper": {}}))  # the preset's own
     text = write_report(tmp_path / "REPORT.md", tmp_path / "docs", inp, examples=False).read_text()
     assert "`pgesam-train vae ablate --preset small`:" in text and "--epochs" not in text
+
+
+def test_committed_snapshot_stands_in_for_a_missing_run(tmp_path, monkeypatch):
+    """The report copies its inputs to docs/results; without the runs (a wiped cache) it reads those copies."""
+    monkeypatch.setenv("PGESAM_HOME", str(tmp_path / "home"))
+    runs, docs = tmp_path / "runs", tmp_path / "docs"
+    ab = runs / "vae-ablate-small"
+    ab.mkdir(parents=True)
+    (ab / "table6.md").write_text("| Baseline | [1, 2] |\n")
+    (ab / "table6.json").write_text(json.dumps({"ours": {"epochs": 30}, "paper": {}}))
+    (ab / "ablation.png").write_bytes(b"\x89PNG fake")
+    (runs / "bundle-pitch-small.json").write_text("not json")  # unreadable: reported as missing, not copied
+    first = write_report(tmp_path / "REPORT.md", docs, ReportInputs(dataset=tmp_path / "none", runs=runs),
+                         examples=False).read_text()
+    assert (docs / "results" / "vae-ablate-small" / "table6.md").read_text() == "| Baseline | [1, 2] |\n"
+    assert not list((docs / "results").glob("*.tmp")) and "committed copy" not in first
+    for f in ab.iterdir():
+        f.unlink()
+    ab.rmdir()
+    second = write_report(tmp_path / "REPORT.md", docs, ReportInputs(dataset=tmp_path / "none", runs=runs),
+                          examples=False).read_text()
+    assert "| Baseline | [1, 2] |" in second and "--epochs 30" in second
+    assert "*From the committed copy `docs/results/vae-ablate-small/table6.md`" in second
+    assert "](docs/figures/ablation.png)" in second
+    assert second.count("Not measured yet") == first.count("Not measured yet")
+    # a live run wins over the copy, and refreshes it
+    ab.mkdir()
+    (ab / "table6.md").write_text("| Baseline | [3, 4] |\n")
+    third = write_report(tmp_path / "REPORT.md", docs, ReportInputs(dataset=tmp_path / "none", runs=runs),
+                         examples=False).read_text()
+    assert "[3, 4]" in third and "committed copy `docs/results/vae-ablate-small/table6.md`" not in third
+    assert "--epochs 30" not in third  # the live run has no table6.json: the old copy's is not mixed in
+    assert (docs / "results" / "vae-ablate-small" / "table6.md").read_text() == "| Baseline | [3, 4] |\n"
