@@ -114,14 +114,14 @@ def _pending(command: str) -> str:
     return f"*Not measured yet.* Run `{command}`, then `pgesam-train report` again."
 
 
-def _copy_figure(src: Path, docs: Path, name: str, keep_committed: bool = False) -> str | None:
+def _copy_figure(src: Path | None, docs: Path, name: str, keep_committed: bool = False) -> str | None:
     """Copy a PNG into docs/figures/ -> its Markdown image link relative to REPORT.md, or None if missing.
 
     keep_committed: the section's text came from the committed snapshot, so the figure already in docs/figures
     (written from the same run) stays linked when `src` is gone.
     """
     dst = docs / FIGURES / name
-    if not Path(src).is_file():
+    if src is None or not Path(src).is_file():
         return f"![{name}]({docs.name}/{FIGURES}/{name})" if keep_committed and dst.is_file() else None
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dst)
@@ -152,8 +152,7 @@ def section_codec(inp: ReportInputs, docs: Path) -> str:
     if md is None:
         return head + _pending("pgesam-train codec eval --checkpoint $PGESAM_HOME/checkpoints/codec/small/stft.pt")
     pngs = sorted(inp.codec_eval.glob("*.png"))[:1]
-    figure = _copy_figure(pngs[0] if pngs else inp.codec_eval / "missing.png", docs, "codec_spectrogram.png",
-                          inp.from_snapshot(name))
+    figure = _copy_figure(pngs[0] if pngs else None, docs, "codec_spectrogram.png", inp.from_snapshot(name))
     return head + inp.provenance(name) + "\n".join([
         "`pgesam-train codec eval --checkpoint CKPT [--checkpoint CKPT ...] --limit N` (ground truth and the "
         "Griffin-Lim floor are always included; rows are named after the checkpoint files; the exact command of "
@@ -377,10 +376,13 @@ def save_spectrograms(rows: list[tuple[str, int, np.ndarray, np.ndarray]], sr: i
 
 # ------------------------------------------------------------------------------------------- the whole
 def save_snapshot(inp: ReportInputs) -> list[Path]:
-    """Copy every input the report read from a live run into the snapshot folder (atomically, file by file)."""
+    """Copy every input the report read from a live run into the snapshot folder (atomically, file by file); a
+    JSON input that does not parse (the report treated it as missing) is not copied."""
     written = []
     for name, src in inp.used.items():
         if inp.snapshot is None or inp.from_snapshot(name) or not src.is_file():
+            continue
+        if src.suffix == ".json" and _read_json(src) is None:
             continue
         dst = inp.snapshot / name
         dst.parent.mkdir(parents=True, exist_ok=True)

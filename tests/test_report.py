@@ -70,6 +70,7 @@ def test_committed_snapshot_stands_in_for_a_missing_run(tmp_path, monkeypatch):
                          examples=False).read_text()
     assert (docs / "results" / "vae-ablate-small" / "table6.md").read_text() == "| Baseline | [1, 2] |\n"
     assert not list((docs / "results").glob("*.tmp")) and "committed copy" not in first
+    assert not (docs / "results" / "bundle-pitch-small.json").exists()
     for f in ab.iterdir():
         f.unlink()
     ab.rmdir()
