@@ -139,10 +139,9 @@ def bundle_pitch_command(bundle: Path, variants: tuple[str, ...], instruments: i
     except ValueError as e:
         raise click.ClickException(str(e)) from e
     click.echo(markdown(result))
-    if json_out is not None:  # via a temporary file, so an interrupted write leaves no half a file
-        tmp = json_out.with_name(f".{json_out.name}.partial")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(json_out)
+    if json_out is not None:
+        from .reports import write_text_atomically
+        write_text_atomically(json_out, json.dumps(result, indent=1))
 
 
 @main.command("report")

@@ -24,6 +24,7 @@ import numpy as np
 
 from . import paths
 from .config import vae_preset
+from .reports import write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -386,10 +387,7 @@ def save_snapshot(inp: ReportInputs) -> list[Path]:
             continue
         dst = inp.snapshot / name
         dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(dst.name + ".tmp")
-        shutil.copyfile(src, tmp)
-        tmp.replace(dst)
-        written.append(dst)
+        written.append(write_text_atomically(dst, src.read_text()))
     return written
 
 

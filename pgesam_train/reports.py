@@ -2,7 +2,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+
+def write_text_atomically(path: Path, text: str) -> Path:
+    """Write `text` to `path` via a temporary file beside it, so an interrupted write leaves no half a file."""
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
 
 
 def write_json_markdown(out_dir: Path, name: str, data: dict, markdown: str) -> tuple[Path, Path]:

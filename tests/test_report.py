@@ -69,7 +69,7 @@ def test_committed_snapshot_stands_in_for_a_missing_run(tmp_path, monkeypatch):
     first = write_report(tmp_path / "REPORT.md", docs, ReportInputs(dataset=tmp_path / "none", runs=runs),
                          examples=False).read_text()
     assert (docs / "results" / "vae-ablate-small" / "table6.md").read_text() == "| Baseline | [1, 2] |\n"
-    assert not list((docs / "results").glob("*.tmp")) and "committed copy" not in first
+    assert not list((docs / "results").rglob("*.partial")) and "committed copy" not in first
     assert not (docs / "results" / "bundle-pitch-small.json").exists()
     for f in ab.iterdir():
         f.unlink()

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..reports import write_text_atomically
+
 FORMAT = 1
 
 
@@ -102,7 +104,7 @@ class LatentWriter:
                 raise LatentCacheError(f"{self.dir} holds latents of another codec ({old.get('codec', {}).get('name')}); "
                                        "refusing to mix codecs: choose another --out or delete that cache")
             return
-        _atomic_write_text(meta_path, json.dumps(meta, indent=1))
+        write_text_atomically(meta_path, json.dumps(meta, indent=1))
 
     def put(self, i: int, emb: np.ndarray, note: dict) -> None:
         """Store row i: emb (dim, frames) and its index entry."""
@@ -115,10 +117,6 @@ class LatentWriter:
         self.emb.flush()
         del self.emb
         os.replace(self._tmp, self.dir / f"{self.split}.npy")
-        _atomic_write_text(self.dir / f"{self.split}.json", json.dumps({"notes": self.notes}))
+        write_text_atomically(self.dir / f"{self.split}.json", json.dumps({"notes": self.notes}))
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
