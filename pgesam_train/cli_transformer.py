@@ -56,13 +56,16 @@ def transformer() -> None:
 @click.option("--resume", is_flag=True, help="Continue transformer.pt in --out (up to --steps).")
 @click.option("--input-noise", type=float, default=None,
               help="Override the preset's std of the noise on teacher-forced decoder inputs (embedding-std units).")
+@click.option("--low-dims", type=int, default=None,
+              help="Weigh the first N embedding dims (the lowest mel bands) by --low-dims-weight in the loss.")
+@click.option("--low-dims-weight", type=float, default=None, help="Loss weight of the first --low-dims dims.")
 @click.option("--stop-after", type=int, default=None,
               help="End this session (checkpointed) after this step; continue later with --resume.")
 @THREADS
 @DEVICE
 def train_cmd(preset: str, latents: Path | None, vae_path: Path | None, out: Path | None, steps: int | None,
-              resume: bool, input_noise: float | None, stop_after: int | None, threads: int | None,
-              device: str) -> None:
+              resume: bool, input_noise: float | None, low_dims: int | None, low_dims_weight: float | None,
+              stop_after: int | None, threads: int | None, device: str) -> None:
     """Train with teacher-forced next-frame MSE on z~ = mu + sigma * eps * 0.01 of the frozen VAE."""
     import dataclasses
 
@@ -72,7 +75,8 @@ def train_cmd(preset: str, latents: Path | None, vae_path: Path | None, out: Pat
     from .train_transformer import train_transformer
     cfg = transformer_preset(preset)
     cfg = dataclasses.replace(cfg, steps=steps) if steps else cfg
-    cfg = dataclasses.replace(cfg, input_noise=input_noise) if input_noise is not None else cfg
+    overrides = {"input_noise": input_noise, "low_dims": low_dims, "low_dims_weight": low_dims_weight}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     out = out or paths.checkpoints_dir("transformer", preset)
     ckpt = train_transformer(cfg, find_latents(latents), _vae_path(preset, vae_path), out, resume, threads, device,
                              stop_after)

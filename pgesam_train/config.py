@@ -188,6 +188,10 @@ class TransformerConfig:
     z_noise: float = 0.01  # beta in z~ = mu + sigma * eps * beta
     # training
     input_noise: float = 0.0  # std (normalised units) of Gaussian noise on the teacher-forced decoder inputs
+    # weight of the first `low_dims` embedding dims in the training MSE (1.0 = the paper's plain MSE). With the mel
+    # encoders those are the lowest mel bands (the first 38 of 128 lie below 1 kHz: fundamentals, first harmonics)
+    low_dims: int = 0
+    low_dims_weight: float = 1.0
     lr: float = 3e-4
     min_lr_ratio: float = 0.1  # cosine decay to lr * this
     warmup_steps: int = 500

@@ -82,8 +82,11 @@ def note_set(lat: Latents, vae: VAE, cfg: TransformerConfig) -> NoteSet:
 
 def teacher_forced_loss(model: TimbreTransformer, z: torch.Tensor, pitch: torch.Tensor,
                         frames: torch.Tensor, input_noise: float = 0.0,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
+                        generator: torch.Generator | None = None, dim_weights: torch.Tensor | None = None
+                        ) -> torch.Tensor:
     """MSE of next-frame predictions in normalised units; frames (B, T, dim) are the targets.
+
+    `dim_weights` (dim,) weighs each embedding dim's squared error (see `dim_weights`); None is the plain mean.
 
     `input_noise` > 0 adds Gaussian noise of that std (in units of the embedding std) to the decoder's input
     frames, not to <BOS> nor to the targets: at 75 frames/s the next frame is close to a copy of the last one, and
@@ -96,7 +99,28 @@ def teacher_forced_loss(model: TimbreTransformer, z: torch.Tensor, pitch: torch.
         inputs = inputs + noise * (input_noise * model.emb_std)
     bos = torch.zeros_like(frames[:, :1])
     pred = model(z, pitch, torch.cat([bos, inputs], dim=1))  # (B, T, dim)
-    return torch.mean(((pred - frames) / model.emb_std) ** 2)
+    err = ((pred - frames) / model.emb_std) ** 2
+    if dim_weights is not None:
+        return torch.mean(err * dim_weights.to(err.device)) / torch.mean(dim_weights)
+    return torch.mean(err)
+
+
+def dim_weights(cfg: TransformerConfig) -> torch.Tensor | None:
+    """Per-dim loss weights: `low_dims_weight` on the first `low_dims` dims, 1 elsewhere (None when off).
+
+    Beyond the paper. With the mel-encoder codecs the first dims are the lowest mel bands, where a semitone is a
+    fraction of one band (26 Hz apart below 1 kHz; a semitone at MIDI 48 is 8 Hz), so the plain MSE hardly
+    notices a note a semitone flat or an octave-weak fundamental; weighting them makes it notice. The weights are
+    normalised to mean 1, so the loss stays in the same units.
+    """
+    if cfg.low_dims <= 0 or cfg.low_dims_weight == 1.0:
+        return None
+    if cfg.low_dims > cfg.dim or cfg.low_dims_weight <= 0:
+        raise ValueError(f"low_dims must be in 1..{cfg.dim} and low_dims_weight > 0 "
+                         f"(got {cfg.low_dims}, {cfg.low_dims_weight})")
+    w = torch.ones(cfg.dim)
+    w[:cfg.low_dims] = cfg.low_dims_weight
+    return w
 
 
 def lr_at(cfg: TransformerConfig, step: int) -> float:
@@ -137,7 +161,7 @@ def train_step(model: TimbreTransformer, opt: torch.optim.Optimizer, data: NoteS
     torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout masks
     for group in opt.param_groups:
         group["lr"] = lr
-    loss = teacher_forced_loss(model, *batch, cfg.input_noise, g)
+    loss = teacher_forced_loss(model, *batch, cfg.input_noise, g, dim_weights(cfg))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -160,7 +184,7 @@ def validate(model: TimbreTransformer, data: NoteSet, cfg: TransformerConfig, de
 
 
 # training fields a resumed run takes from the command, not from the checkpoint it continues
-RESUME_OVERRIDES = ("steps", "input_noise")
+RESUME_OVERRIDES = ("steps", "input_noise", "low_dims", "low_dims_weight")
 
 
 def _start(cfg: TransformerConfig, ckpt: Path, resume: bool, train_emb: np.ndarray

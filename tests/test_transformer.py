@@ -16,7 +16,7 @@ from pgesam_train.config import TransformerConfig, from_dict, to_dict, transform
 from pgesam_train.data.latents import LatentWriter, load_latents
 from pgesam_train.evaluate_transformer import evaluate_transformer, write_report
 from pgesam_train.generate import cross_kv_shape, empty_cache
-from pgesam_train.train_transformer import BEST_NAME, lr_at, teacher_forced_loss, train_transformer
+from pgesam_train.train_transformer import BEST_NAME, dim_weights, lr_at, teacher_forced_loss, train_transformer
 from pgesam_train.train_vae import embedding_stats
 from pgesam_train.transformer import TimbreTransformer, load_transformer
 from pgesam_train.vae import VAE, load_vae
@@ -237,12 +237,33 @@ def test_input_noise_touches_inputs_only(model: TimbreTransformer) -> None:
     torch.testing.assert_close(seen[0][:, 0] * model.emb_std + model.emb_mean, first)
 
 
+def test_low_dims_weight_is_a_normalised_per_dim_weighting(model: TimbreTransformer) -> None:
+    cfg = model.config
+    assert dim_weights(cfg) is None and dim_weights(dataclasses.replace(cfg, low_dims=4)) is None  # off by default
+    w = dim_weights(dataclasses.replace(cfg, low_dims=2, low_dims_weight=3.0))
+    assert w is not None and w.tolist() == [3.0, 3.0] + [1.0] * (cfg.dim - 2)
+    for bad in ({"low_dims": cfg.dim + 1, "low_dims_weight": 2.0}, {"low_dims": 2, "low_dims_weight": -1.0}):
+        with pytest.raises(ValueError, match="low_dims"):
+            dim_weights(dataclasses.replace(cfg, **bad))
+    z, pitch, frames = _inputs(cfg)
+    bos = torch.zeros_like(frames[:, :1])
+    with torch.no_grad():
+        err = ((model(z, pitch, torch.cat([bos, frames[:, :-1]], dim=1)) - frames) / model.emb_std) ** 2
+        per_dim = err.mean(dim=(0, 1))  # (dim,)
+        expected = (3.0 * per_dim[:2].sum() + per_dim[2:].sum()) / (2 * 3.0 + cfg.dim - 2)
+        torch.testing.assert_close(teacher_forced_loss(model, z, pitch, frames, dim_weights=w), expected)
+        # equal weights give the plain MSE
+        assert torch.isclose(teacher_forced_loss(model, z, pitch, frames, dim_weights=torch.full((cfg.dim,), 2.0)),
+                             teacher_forced_loss(model, z, pitch, frames))
+
+
 def test_resume_takes_input_noise_from_the_command(cache_and_vae: tuple[Path, Path], tmp_path: Path) -> None:
     cache, vae_path = cache_and_vae
     train_transformer(tiny_train(8), cache, vae_path, tmp_path, threads=1)
-    resumed = load_transformer(train_transformer(tiny_train(12, input_noise=0.3), cache, vae_path, tmp_path,
-                                                 resume=True, threads=1))[0]
+    resumed = load_transformer(train_transformer(tiny_train(12, input_noise=0.3, low_dims=8, low_dims_weight=2.0),
+                                                 cache, vae_path, tmp_path, resume=True, threads=1))[0]
     assert resumed.config.input_noise == 0.3 and resumed.config.steps == 12
+    assert (resumed.config.low_dims, resumed.config.low_dims_weight) == (8, 2.0)
     assert load_checkpoint(tmp_path / "transformer.pt", "transformer")["step"] == 12
 
 
