@@ -72,11 +72,15 @@ def train_cmd(preset: str, latents: Path | None, vae_path: Path | None, out: Pat
     from . import paths
     from .cli_vae import find_latents
     from .config import transformer_preset
-    from .train_transformer import train_transformer
+    from .train_transformer import dim_weights, train_transformer
     cfg = transformer_preset(preset)
     cfg = dataclasses.replace(cfg, steps=steps) if steps else cfg
     overrides = {"input_noise": input_noise, "low_dims": low_dims, "low_dims_weight": low_dims_weight}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    try:
+        dim_weights(cfg)  # refuse bad --low-dims values before loading anything
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--low-dims / --low-dims-weight") from e
     out = out or paths.checkpoints_dir("transformer", preset)
     ckpt = train_transformer(cfg, find_latents(latents), _vae_path(preset, vae_path), out, resume, threads, device,
                              stop_after)

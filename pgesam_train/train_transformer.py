@@ -113,11 +113,11 @@ def dim_weights(cfg: TransformerConfig) -> torch.Tensor | None:
     notices a note a semitone flat or an octave-weak fundamental; weighting them makes it notice. The weights are
     normalised to mean 1, so the loss stays in the same units.
     """
-    if cfg.low_dims <= 0 or cfg.low_dims_weight == 1.0:
-        return None
-    if cfg.low_dims > cfg.dim or cfg.low_dims_weight <= 0:
-        raise ValueError(f"low_dims must be in 1..{cfg.dim} and low_dims_weight > 0 "
+    if not 0 <= cfg.low_dims <= cfg.dim or cfg.low_dims_weight <= 0:
+        raise ValueError(f"low_dims must be in 0..{cfg.dim} and low_dims_weight > 0 "
                          f"(got {cfg.low_dims}, {cfg.low_dims_weight})")
+    if cfg.low_dims == 0 or cfg.low_dims_weight == 1.0:
+        return None
     w = torch.ones(cfg.dim)
     w[:cfg.low_dims] = cfg.low_dims_weight
     return w

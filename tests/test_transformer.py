@@ -242,7 +242,8 @@ def test_low_dims_weight_is_a_normalised_per_dim_weighting(model: TimbreTransfor
     assert dim_weights(cfg) is None and dim_weights(dataclasses.replace(cfg, low_dims=4)) is None  # off by default
     w = dim_weights(dataclasses.replace(cfg, low_dims=2, low_dims_weight=3.0))
     assert w is not None and w.tolist() == [3.0, 3.0] + [1.0] * (cfg.dim - 2)
-    for bad in ({"low_dims": cfg.dim + 1, "low_dims_weight": 2.0}, {"low_dims": 2, "low_dims_weight": -1.0}):
+    for bad in ({"low_dims": cfg.dim + 1, "low_dims_weight": 2.0}, {"low_dims": -1, "low_dims_weight": 2.0},
+                {"low_dims": 2, "low_dims_weight": -1.0}):
         with pytest.raises(ValueError, match="low_dims"):
             dim_weights(dataclasses.replace(cfg, **bad))
     z, pitch, frames = _inputs(cfg)
@@ -298,3 +299,13 @@ def test_evaluation_tables(cache_and_vae: tuple[Path, Path], tmp_path: Path) -> 
     js, md = write_report(tmp_path / "eval", m)
     assert json.loads(js.read_text())["train"]["n"] == 6
     assert "| train | 6 |" in md.read_text() and "4.9e-05" in md.read_text()
+
+
+def test_train_command_refuses_bad_low_dims_before_any_work(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from pgesam_train.cli import main
+    r = CliRunner().invoke(main, ["transformer", "train", "--preset", "tiny", "--out", str(tmp_path / "run"),
+                                 "--low-dims", "500", "--low-dims-weight", "2"])
+    assert r.exit_code == 2 and "low_dims must be in 0..128" in r.output
+    assert not (tmp_path / "run").exists()
