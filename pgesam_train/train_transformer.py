@@ -82,11 +82,11 @@ def note_set(lat: Latents, vae: VAE, cfg: TransformerConfig) -> NoteSet:
 
 def teacher_forced_loss(model: TimbreTransformer, z: torch.Tensor, pitch: torch.Tensor,
                         frames: torch.Tensor, input_noise: float = 0.0,
-                        generator: torch.Generator | None = None, dim_weights: torch.Tensor | None = None
+                        generator: torch.Generator | None = None, weights: torch.Tensor | None = None
                         ) -> torch.Tensor:
     """MSE of next-frame predictions in normalised units; frames (B, T, dim) are the targets.
 
-    `dim_weights` (dim,) weighs each embedding dim's squared error (see `dim_weights`); None is the plain mean.
+    `weights` (dim,) weighs each embedding dim's squared error (see `dim_weights`); None is the plain mean.
 
     `input_noise` > 0 adds Gaussian noise of that std (in units of the embedding std) to the decoder's input
     frames, not to <BOS> nor to the targets: at 75 frames/s the next frame is close to a copy of the last one, and
@@ -100,8 +100,8 @@ def teacher_forced_loss(model: TimbreTransformer, z: torch.Tensor, pitch: torch.
     bos = torch.zeros_like(frames[:, :1])
     pred = model(z, pitch, torch.cat([bos, inputs], dim=1))  # (B, T, dim)
     err = ((pred - frames) / model.emb_std) ** 2
-    if dim_weights is not None:
-        return torch.mean(err * dim_weights.to(err.device)) / torch.mean(dim_weights)
+    if weights is not None:
+        return torch.mean(err * weights) / torch.mean(weights)
     return torch.mean(err)
 
 
@@ -153,15 +153,16 @@ def _step_generator(cfg: TransformerConfig, step: int) -> torch.Generator:
 
 
 def train_step(model: TimbreTransformer, opt: torch.optim.Optimizer, data: NoteSet, cfg: TransformerConfig,
-               step: int, device: torch.device | str, lr: float) -> float:
-    """One optimiser step at learning rate `lr` on a batch drawn by (seed, step); returns the loss."""
+               step: int, device: torch.device | str, lr: float, weights: torch.Tensor | None = None) -> float:
+    """One optimiser step at learning rate `lr` on a batch drawn by (seed, step), with per-dim loss `weights`
+    (`dim_weights`, on `device`); returns the loss."""
     g = _step_generator(cfg, step)
     idx = torch.randint(len(data), (cfg.batch_size,), generator=g)
     batch = data.batch(idx, torch.randn(cfg.batch_size, 2, generator=g), cfg.z_noise, device)
     torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout masks
     for group in opt.param_groups:
         group["lr"] = lr
-    loss = teacher_forced_loss(model, *batch, cfg.input_noise, g, dim_weights(cfg))
+    loss = teacher_forced_loss(model, *batch, cfg.input_noise, g, weights)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -229,6 +230,8 @@ def train_transformer(cfg: TransformerConfig, cache_dir: Path, vae_path: Path, o
     cfg = model.config
     train, valid = note_set(train_lat, vae, cfg), _load_valid(cache_dir, vae, cfg)
     model.to(device).train()
+    weights = dim_weights(cfg)
+    weights = None if weights is None else weights.to(device)
     opt = build_optimizer(model, cfg)
     step, extra = 0, {"vae": str(vae_path), "vae_sha256": file_sha256(vae_path), "latents": str(cache_dir),
                       "codec": train_lat.meta.get("codec"), "best_valid": float("inf")}
@@ -247,7 +250,7 @@ def train_transformer(cfg: TransformerConfig, cache_dir: Path, vae_path: Path, o
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     while step < end:
         lr = lr_at(cfg, step) * rewarm_factor(cfg, step, extra.get("rewarm_from"))
-        recent.append(train_step(model, opt, train, cfg, step, device, lr))
+        recent.append(train_step(model, opt, train, cfg, step, device, lr, weights))
         step += 1
         if step % cfg.log_every == 0 or step == cfg.steps:
             steps_log.write(step=step, lr=lr, loss=float(np.mean(recent)),

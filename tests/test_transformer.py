@@ -252,9 +252,9 @@ def test_low_dims_weight_is_a_normalised_per_dim_weighting(model: TimbreTransfor
         err = ((model(z, pitch, torch.cat([bos, frames[:, :-1]], dim=1)) - frames) / model.emb_std) ** 2
         per_dim = err.mean(dim=(0, 1))  # (dim,)
         expected = (3.0 * per_dim[:2].sum() + per_dim[2:].sum()) / (2 * 3.0 + cfg.dim - 2)
-        torch.testing.assert_close(teacher_forced_loss(model, z, pitch, frames, dim_weights=w), expected)
+        torch.testing.assert_close(teacher_forced_loss(model, z, pitch, frames, weights=w), expected)
         # equal weights give the plain MSE
-        assert torch.isclose(teacher_forced_loss(model, z, pitch, frames, dim_weights=torch.full((cfg.dim,), 2.0)),
+        assert torch.isclose(teacher_forced_loss(model, z, pitch, frames, weights=torch.full((cfg.dim,), 2.0)),
                              teacher_forced_loss(model, z, pitch, frames))
 
 
