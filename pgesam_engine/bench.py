@@ -94,10 +94,12 @@ def generation(synth: Synth, repeats: int) -> dict[str, float]:
 
 def prerender_time(synth: Synth) -> float:
     """Seconds for the prerenderer to fill every pitch of one timbre."""
+    from .engine import EngineConfig, prerender_plan
     from .timbre_cache import Prerenderer, TimbreCache
-    m = synth.m
+    m, config = synth.m, EngineConfig()
     cache = TimbreCache(m.pitch_min, m.n_pitches, m.note_samples, 2 ** 31)
-    pre = Prerenderer(synth, cache, batch_size=25 if synth.device == "cuda" else 5)  # as the engine does
+    batch, workers = prerender_plan(config, synth.device)  # as the engine does
+    pre = Prerenderer(synth, cache, batch, config.decode_batch, workers=workers)
     try:
         pre.request((0.2, -0.2))
         pre.wait_idle()
@@ -179,8 +181,13 @@ def torch_reference(synth: Synth) -> dict[str, object]:
 def run_bench(synth: Synth, repeats: int = 20, notes: int = 100, with_torch: bool = True,
               log: Callable[[str], None] = print) -> dict:
     """All figures -> a JSON-ready report."""
+    from .engine import EngineConfig, prerender_plan
+    b = synth.bundle
+    batch, workers = prerender_plan(EngineConfig(), synth.device)
     report: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "onnxruntime": ort.__version__,
-                                "provider": synth.bundle.provider, "step": synth.step_mode},
+                                "provider": b.provider, "step": synth.step_mode, "graphs": b.variant or "float",
+                                "step_threads": b.step_threads if synth.device == "cpu" else None,
+                                "prerender_batch": batch, "prerender_workers": workers},
                     "bundle": str(synth.bundle.root)}
     t0 = time.perf_counter()
 
@@ -228,6 +235,8 @@ def markdown(report: dict) -> str:
         rows.append(f"| torch uncached reference, one note | {t['torch_uncached_s']:.2f} s ({t['speedup']:.1f}x slower)"
                     f" | >= 10x |" if "speedup" in t else f"| torch uncached reference | {t['skipped']} | |")
     m = report["machine"]
-    rows.append(f"\n{m['provider']} ({m['step']} step), onnxruntime {m['onnxruntime']}, {m['cpus']} CPUs, "
-                f"{m['platform']}; bundle {report['bundle']}")
+    cpu = (f", {m['step_threads']}-thread step, prerender {m['prerender_workers']} workers of batch "
+           f"{m['prerender_batch']}" if m.get("step_threads") else "")
+    rows.append(f"\n{m['provider']} ({m['step']} step, {m.get('graphs', 'float')} graphs{cpu}), onnxruntime "
+                f"{m['onnxruntime']}, {m['cpus']} CPUs, {m['platform']}; bundle {report['bundle']}")
     return "\n".join(rows)

@@ -25,8 +25,15 @@ FORMAT = "pgesam-bundle"
 SUPPORTED_VERSIONS = (2,)  # 2: per-layer KV cache tensors (docs/bundle.md); 1 stacked them in one
 REQUIRED_GRAPHS = ("transformer_encoder", "decoder_step", "codec_decoder")
 OPTIONAL_GRAPHS = ("decoder_step_static", "codec_decoder_stream", "codec_encoder", "vae_encoder")
+STEP_GRAPHS = ("decoder_step", "decoder_step_static")
+# intra-op threads of the decoder step on CPU: its products are too small to split (a step's 100-odd ops each wake
+# the pool: 2 threads made a 300-step note 0.18-0.31 s against 0.11-0.17 s for 1, int8, 2 cores); batch-level
+# parallelism (prerender workers, a streamed note beside a prerender) uses the other cores instead
+CPU_STEP_THREADS = 1
 PROVIDER_ALIASES = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 DEFAULT_BUNDLE = Path(__file__).resolve().parent / "bundles" / "default"
+AUTO_VARIANT = "auto"  # the CPU variant below on CPU when the bundle has it, the float graphs otherwise
+CPU_VARIANT = "int8"  # dynamic int8 (per-channel weights): the CPU's fastest graphs, measured without pitch loss
 
 
 class BundleError(Exception):
@@ -94,6 +101,8 @@ class Manifest:
     stream_latency: int
     stream_min_first_frames: int  # the codec's first streamed chunk needs at least this many frames (EnCodec: 7)
     map: TimbreMap
+    # the stream state holding, after the last frame, the whole-note decode's last stream_latency samples (stft)
+    stream_tail: str | None = None
 
     @property
     def n_pitches(self) -> int:
@@ -133,6 +142,9 @@ def _typed_manifest(raw: dict, where: str) -> Manifest:
     stream = raw.get("codec_stream", {})
     mp = _need(raw, "map", where)
     bounds = _need(mp, "bounds", f"{where} map")
+    tail = stream.get("tail_state")
+    if tail is not None and tail not in {s["name"] for s in stream.get("state", [])}:
+        raise BundleError(f"{where}: codec_stream.tail_state {tail!r} is not one of its stream states; re-export it")
     return Manifest(
         raw=raw, sample_rate=int(_need(raw, "sample_rate", where)), frame_rate=float(_need(raw, "frame_rate", where)),
         hop=int(_need(raw, "hop", where)), frames=int(_need(raw, "frames", where)), dim=int(_need(raw, "dim", where)),
@@ -140,7 +152,7 @@ def _typed_manifest(raw: dict, where: str) -> Manifest:
         kv=KVSpec(*(int(_need(kv, k, f"{where} kv_cache"))
                     for k in ("layers", "heads", "head_dim", "encoder_length", "max_length"))),
         stream_state=tuple((s["name"], tuple(int(v) for v in s["shape"])) for s in stream.get("state", [])),
-        stream_latency=int(stream.get("latency_samples", 0)),
+        stream_latency=int(stream.get("latency_samples", 0)), stream_tail=tail,
         stream_min_first_frames=int(stream.get("min_first_frames", 1)),
         map=TimbreMap(tuple(map(float, bounds["x"])), tuple(map(float, bounds["y"])), float(mp.get("radius", 1.0)),
                       tuple(mp.get("instruments", []))))
@@ -254,29 +266,32 @@ class Bundle:
     """
 
     def __init__(self, root: Path | str, providers: str | list[str] | None = None, threads: int | None = None,
-                 variant: str | None = None, cuda_graph: bool = False):
+                 variant: str | None = None, cuda_graph: bool = False, step_threads: int | None = None):
         self.root = Path(root).expanduser().resolve()
         self.manifest = read_manifest(self.root)
         self.requested = resolve_providers(providers)
         self.fallback = ""  # why CUDA was asked for but the sessions run on CPU
-        self._threads = threads
+        self._threads, self._step_threads = threads, step_threads
         self._options = session_options(threads, cpu_only="CUDAExecutionProvider" not in self.requested)
         self.sessions: dict[str, ort.InferenceSession] = {}
         graphs = self.manifest.raw["graphs"]
         self.cuda_graph = cuda_graph and "CUDAExecutionProvider" in self.requested
-        self._variant = variant
+        self._auto = variant == AUTO_VARIANT
+        self._variant = choose_variant(variant, graphs, "CUDAExecutionProvider" not in self.requested, self.root)
         for name in [*REQUIRED_GRAPHS, *OPTIONAL_GRAPHS]:
-            key = f"{name}.{variant}" if variant and f"{name}.{variant}" in graphs else name
-            if key in graphs:
-                self.sessions[name] = self._open(name, graphs[key]["file"])
+            if name in graphs:
+                self.sessions[name] = self._open(name, self._file_of(name))
 
     def _open(self, name: str, file: str) -> ort.InferenceSession:
         providers: list = list(self.requested)
         if name == "decoder_step_static" and self.cuda_graph:
             providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}) if p == "CUDAExecutionProvider"
                          else p for p in providers]
+        options = self._options
+        if name in STEP_GRAPHS and "CUDAExecutionProvider" not in self.requested:
+            options = session_options(self.step_threads, cpu_only=True)
         try:
-            sess = ort.InferenceSession(str(self.root / file), self._options, providers=providers)
+            sess = ort.InferenceSession(str(self.root / file), options, providers=providers)
         except Exception as e:  # onnxruntime raises several unrelated types for a bad model
             if "CUDAExecutionProvider" not in self.requested:
                 raise BundleError(f"onnxruntime cannot load {self.root / file}: {_first_line(e)}") from e
@@ -294,6 +309,8 @@ class Bundle:
         self.requested = ["CPUExecutionProvider"]
         self.cuda_graph = False
         self._options = session_options(self._threads, cpu_only=True)
+        if self._auto:
+            self._variant = choose_variant(AUTO_VARIANT, self.manifest.raw["graphs"], True, self.root)
         opened, self.sessions = self.sessions, {}
         for done in opened:  # graphs opened on CUDA before the failure move to CPU too
             self.sessions[done] = self._open(done, self._file_of(done))
@@ -317,9 +334,19 @@ class Bundle:
                 raise BundleError(f"{file} says {key}={meta[key]} but manifest.json says {value}; re-export")
 
     @property
+    def variant(self) -> str | None:
+        """The quantised variant whose graphs replace the float ones where the bundle has them (None: none)."""
+        return self._variant
+
+    @property
     def threads(self) -> int | None:
         """Intra-op threads per session as asked for (None: the default, min(4, CPUs))."""
         return self._threads
+
+    @property
+    def step_threads(self) -> int:
+        """Intra-op threads of the decoder step sessions on CPU (CPU_STEP_THREADS unless asked otherwise)."""
+        return self._step_threads or CPU_STEP_THREADS
 
     def has(self, graph: str) -> bool:
         return graph in self.sessions
@@ -345,6 +372,19 @@ class Bundle:
     def provider(self) -> str:
         """The decoder step's active provider, e.g. 'CPUExecutionProvider'."""
         return self.sessions["decoder_step"].get_providers()[0]
+
+
+def choose_variant(variant: str | None, graphs: dict, cpu_only: bool, root: Path) -> str | None:
+    """The variant to open: `variant` itself (a BundleError when no graph of the bundle has it), or for "auto"
+    CPU_VARIANT when the sessions run on CPU only and the bundle has it, else None (the float graphs)."""
+    def has(v: str) -> bool:
+        return any(entry.get("variant_of") and key.endswith(f".{v}") for key, entry in graphs.items())
+    if variant == AUTO_VARIANT:
+        return CPU_VARIANT if cpu_only and has(CPU_VARIANT) else None
+    if variant and not has(variant):
+        raise BundleError(f"bundle at {root} has no {variant!r} graphs; export it with "
+                          f"`pgesam-train export --variant {variant}` or leave out --variant")
+    return variant or None
 
 
 def _first_line(e: Exception) -> str:

@@ -21,7 +21,8 @@ import numpy as np
 
 from . import __version__
 from .audio import AudioError, list_devices, open_backend, write_wav_atomic
-from .bundle import Bundle, BundleError, cuda_unusable_reason, default_bundle_path, resolve_providers
+from .bundle import (AUTO_VARIANT, CPU_STEP_THREADS, CPU_VARIANT, Bundle, BundleError, cuda_unusable_reason, default_bundle_path,
+                     resolve_providers)
 from .engine import Engine, EngineConfig, EngineError
 from .synth import STEP_MODES, Synth, SynthError
 
@@ -39,27 +40,34 @@ class Group(click.Group):
 
 
 def bundle_options(f: Callable) -> Callable:
-    """--bundle, --provider, --threads, --step, --cuda-graph, --variant."""
+    """--bundle, --provider, --threads, --step-threads, --step, --cuda-graph, --variant."""
     opts = [
         click.option("--bundle", "bundle_path", type=click.Path(path_type=Path), default=None,
                      help="model bundle folder (default: the one shipped with pgesam)"),
         click.option("--provider", default="auto", show_default=True,
                      help="onnxruntime providers in order: auto (CUDA then CPU), cpu, cuda, or a list 'cuda,cpu'"),
         click.option("--threads", type=click.IntRange(1, 64), default=None, help="intra-op threads per session"),
+        click.option("--step-threads", type=click.IntRange(1, 64), default=None,
+                     help="intra-op threads of the decoder step on CPU (default 1: faster than more at these "
+                          "sizes; prerendering runs one worker per core instead)"),
         click.option("--step", type=click.Choice(STEP_MODES), default="auto", show_default=True,
                      help="decoder step: growing cache (dynamic) or preallocated (static; default on CUDA)"),
         click.option("--cuda-graph", is_flag=True, help="capture the static decoder step as CUDA graphs"),
-        click.option("--variant", default=None, help="quantised graphs listed in the manifest, e.g. int8 or fp16"),
+        click.option("--variant", default=AUTO_VARIANT, show_default=True,
+                     help=f"quantised graphs listed in the manifest (int8, fp16), 'none' for the float graphs, or "
+                          f"auto: {CPU_VARIANT} on CPU when the bundle has it, the float graphs otherwise"),
     ]
     for opt in reversed(opts):
         f = opt(f)
     return f
 
 
-def load_synth(bundle_path: Path | None, provider: str, threads: int | None, step: str, cuda_graph: bool,
-               variant: str | None) -> Synth:
+def load_synth(bundle_path: Path | None, provider: str, threads: int | None, step_threads: int | None, step: str,
+               cuda_graph: bool, variant: str | None) -> Synth:
     root = bundle_path if bundle_path is not None else default_bundle_path()
-    bundle = Bundle(root, providers=provider, threads=threads, variant=variant, cuda_graph=cuda_graph)
+    variant = None if variant in (None, "none") else variant
+    bundle = Bundle(root, providers=provider, threads=threads, variant=variant, cuda_graph=cuda_graph,
+                    step_threads=step_threads)
     return Synth(bundle, step_mode=step)
 
 
@@ -67,9 +75,9 @@ def with_synth(f: Callable) -> Callable:
     """Replace the bundle options by a loaded `synth` argument."""
     @bundle_options
     @functools.wraps(f)
-    def wrapper(bundle_path: Path | None, provider: str, threads: int | None, step: str, cuda_graph: bool,
-                variant: str | None, **kwargs: object) -> object:
-        return f(load_synth(bundle_path, provider, threads, step, cuda_graph, variant), **kwargs)
+    def wrapper(bundle_path: Path | None, provider: str, threads: int | None, step_threads: int | None, step: str,
+                cuda_graph: bool, variant: str | None, **kwargs: object) -> object:
+        return f(load_synth(bundle_path, provider, threads, step_threads, step, cuda_graph, variant), **kwargs)
     return wrapper
 
 
@@ -269,8 +277,8 @@ def encode(synth: Synth, audio_file: Path, k: int) -> None:
 
 @cli.command()
 @bundle_options
-def info(bundle_path: Path | None, provider: str, threads: int | None, step: str, cuda_graph: bool,
-         variant: str | None) -> None:
+def info(bundle_path: Path | None, provider: str, threads: int | None, step_threads: int | None, step: str,
+         cuda_graph: bool, variant: str | None) -> None:
     """The bundle, onnxruntime's providers, and the audio devices."""
     import onnxruntime as ort
     click.echo(f"pgesam {__version__}, onnxruntime {ort.__version__}")
@@ -278,11 +286,12 @@ def info(bundle_path: Path | None, provider: str, threads: int | None, step: str
     click.echo(f"CUDA: {cuda_unusable_reason() or 'usable'}")
     click.echo(f"requested: {', '.join(resolve_providers(provider))}")
     click.echo("audio devices:\n" + list_devices())
-    synth = load_synth(bundle_path, provider, threads, step, cuda_graph, variant)
+    synth = load_synth(bundle_path, provider, threads, step_threads, step, cuda_graph, variant)
     m = synth.m
     click.echo(f"bundle: {synth.bundle.root} (version {m.raw['version']}, {m.raw.get('created_by', '?')})")
     click.echo(f"  {m.sample_rate} Hz, {m.frames} frames of {m.hop} samples, MIDI {m.pitch_min}-{m.pitch_max}, "
-               f"{len(m.map.instruments)} instruments on the map, step {synth.step_mode}")
+               f"{len(m.map.instruments)} instruments on the map, step {synth.step_mode}, "
+               f"graphs {synth.bundle.variant or 'float'}")
     for name, provs in synth.bundle.providers.items():
         click.echo(f"  {name:22s} {provs[0]}")
 
@@ -300,9 +309,11 @@ def bench(synth: Synth, as_json: bool, repeats: int, notes: int, with_torch: boo
     from .bench import markdown, run_bench
     report = run_bench(synth, repeats=repeats, notes=notes, with_torch=with_torch,
                        log=lambda s: click.echo(s, err=True))
-    threads = synth.bundle.threads
+    b = synth.bundle
     report["command"] = (f"pgesam bench --json --repeats {repeats} --notes {notes}"
-                         + (f" --threads {threads}" if threads else "") + ("" if with_torch else " --no-torch"))
+                         + (f" --threads {b.threads}" if b.threads else "")
+                         + (f" --step-threads {b.step_threads}" if b.step_threads != CPU_STEP_THREADS else "")
+                         + ("" if with_torch else " --no-torch"))
     click.echo(json.dumps(report, indent=2) if as_json else markdown(report))
 
 

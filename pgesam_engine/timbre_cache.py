@@ -3,7 +3,8 @@
     TimbreCache   timbre point -> all pitches' audio (n_pitches, samples) float32, filled row by row; a bounded
                   LRU (bytes), so a note-on on a cached timbre plays from memory with no model work; the
                   current timbre is pinned, so notes streamed at other points never evict it
-    Prerenderer   one thread: setting a timbre renders all its pitches in batches; only the newest request waits
+    Prerenderer   one thread: setting a timbre renders all its pitches in batches, split over `workers` threads
+                  (each generating its share of the pitches on its own core); only the newest request waits
                   (dragging across the map does not queue a render per message); it gives way to streaming
     Streamer      one thread: notes not in the cache are generated and decoded a few frames at a time into a
                   `StreamSource` the voice already plays from; several notes advance in turn, chunk by chunk
@@ -15,6 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
@@ -117,10 +119,14 @@ class Prerenderer:
     """Background thread rendering every pitch of the most recently requested timbre into the cache."""
 
     def __init__(self, synth: Synth, cache: TimbreCache, batch_size: int = 25, decode_batch: int = 5,
-                 give_way: Callable[[], None] | None = None):
+                 give_way: Callable[[], None] | None = None, workers: int = 1):
+        if workers < 1 or batch_size < 1 or decode_batch < 1:
+            raise ValueError(f"prerender workers, batch and decode batch must be >= 1, got {workers}, "
+                             f"{batch_size}, {decode_batch}")
         self.synth, self.cache = synth, cache
-        self.batch_size, self.decode_batch = batch_size, decode_batch
+        self.batch_size, self.decode_batch, self.workers = batch_size, decode_batch, workers
         self.give_way = give_way
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="pgesam-prerender-work") if workers > 1 else None
         self._pending: Key | None = None
         self._busy = False
         self._cond = threading.Condition()
@@ -170,6 +176,20 @@ class Prerenderer:
             return
         t0 = time.perf_counter()
         missing = np.flatnonzero(~entry.ready)
+        shares = [rows for rows in np.array_split(missing, self.workers) if len(rows)]
+        if self._pool is None or len(shares) < 2:
+            self._render_rows(entry, key, missing)
+        else:  # every share to the end, then the first failure (if any) is raised
+            futures = [self._pool.submit(self._render_rows, entry, key, rows) for rows in shares]
+            wait(futures)
+            for f in futures:
+                f.result()
+        self.rendered += 1
+        self.last_seconds = time.perf_counter() - t0
+        log.info("prerendered timbre %s (%d notes) in %.2f s", key, len(missing), self.last_seconds)
+
+    def _render_rows(self, entry: TimbreEntry, key: Key, missing: np.ndarray) -> None:
+        """Generate and decode rows `missing` of `entry` (timbre `key`) in batches."""
         for i in range(0, len(missing), self.batch_size):
             rows = missing[i:i + self.batch_size]
             points = np.tile(np.array(key, np.float32), (len(rows), 1))
@@ -180,15 +200,14 @@ class Prerenderer:
                 part = rows[j:j + self.decode_batch]
                 entry.audio[part] = self.synth.decode(frames[j:j + self.decode_batch])[:, :self.cache.samples]
                 entry.ready[part] = True
-        self.rendered += 1
-        self.last_seconds = time.perf_counter() - t0
-        log.info("prerendered timbre %s (%d notes) in %.2f s", key, len(missing), self.last_seconds)
 
     def close(self) -> None:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
         self._thread.join(timeout=5.0)
+        if self._pool is not None:
+            self._pool.shutdown(wait=not self._thread.is_alive(), cancel_futures=True)
 
 
 class _Job:

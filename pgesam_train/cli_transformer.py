@@ -59,13 +59,19 @@ def transformer() -> None:
 @click.option("--low-dims", type=int, default=None,
               help="Weigh the first N embedding dims (the lowest mel bands) by --low-dims-weight in the loss.")
 @click.option("--low-dims-weight", type=float, default=None, help="Loss weight of the first --low-dims dims.")
+@click.option("--lr", type=float, default=None,
+              help="Override the preset's peak learning rate (the cosine schedule's top).")
+@click.option("--min-lr-ratio", type=float, default=None,
+              help="Override where the cosine ends, as a fraction of --lr (1 = constant after warm-up). With "
+                   "--resume, `--lr L --min-lr-ratio 1` continues at L instead of the schedule's rate.")
 @click.option("--stop-after", type=int, default=None,
               help="End this session (checkpointed) after this step; continue later with --resume.")
 @THREADS
 @DEVICE
 def train_cmd(preset: str, latents: Path | None, vae_path: Path | None, out: Path | None, steps: int | None,
               resume: bool, input_noise: float | None, low_dims: int | None, low_dims_weight: float | None,
-              stop_after: int | None, threads: int | None, device: str) -> None:
+              lr: float | None, min_lr_ratio: float | None, stop_after: int | None, threads: int | None,
+              device: str) -> None:
     """Train with teacher-forced next-frame MSE on z~ = mu + sigma * eps * 0.01 of the frozen VAE."""
     import dataclasses
 
@@ -75,6 +81,11 @@ def train_cmd(preset: str, latents: Path | None, vae_path: Path | None, out: Pat
     from .train_transformer import dim_weights, train_transformer
     cfg = transformer_preset(preset)
     cfg = dataclasses.replace(cfg, steps=steps) if steps else cfg
+    try:
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in {"lr": lr, "min_lr_ratio": min_lr_ratio}.items()
+                                          if v is not None})
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--lr / --min-lr-ratio") from e
     overrides = {"input_noise": input_noise, "low_dims": low_dims, "low_dims_weight": low_dims_weight}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     try:

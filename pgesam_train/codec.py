@@ -59,10 +59,13 @@ class Codec(torch.nn.Module):
 
     Subclasses implement `_encode(wav (B, S)) -> (B, dim, T)`, `_decode(emb (B, dim, T)) -> (B, T * hop)`,
     `export_modules()` and `stream_state_spec()`, and set `stream_latency` (samples by which the streamed audio
-    lags the full decode; 0 for fully causal designs).
+    lags the full decode; 0 for fully causal designs) and, where one exists, `stream_tail_state`: the stream state
+    that after the last frame holds the full decode's last `stream_latency` samples (so a streamed decode plus that
+    state is the full decode, and the engine may decode a note while it is still being generated).
     """
 
     stream_latency: int = 0
+    stream_tail_state: str | None = None
 
     def __init__(self, config: CodecConfig):
         super().__init__()

@@ -209,6 +209,10 @@ class TransformerConfig:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if not 0 <= self.pitch_min <= 127 - self.n_pitches + 1:
             raise ValueError(f"pitch range {self.pitch_min}+{self.n_pitches} leaves MIDI 0-127")
+        if not self.lr > 0:
+            raise ValueError(f"learning rate must be > 0, got {self.lr}")
+        if not 0 < self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in (0, 1], got {self.min_lr_ratio}")
 
     @property
     def head_dim(self) -> int:

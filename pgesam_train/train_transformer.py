@@ -185,7 +185,7 @@ def validate(model: TimbreTransformer, data: NoteSet, cfg: TransformerConfig, de
 
 
 # training fields a resumed run takes from the command, not from the checkpoint it continues
-RESUME_OVERRIDES = ("steps", "input_noise", "low_dims", "low_dims_weight")
+RESUME_OVERRIDES = ("steps", "input_noise", "low_dims", "low_dims_weight", "lr", "min_lr_ratio")
 
 
 def _start(cfg: TransformerConfig, ckpt: Path, resume: bool, train_emb: np.ndarray

@@ -57,6 +57,22 @@ def test_engine_renders_the_torch_reference_audio(synth: Synth, tiny_export: Tin
     np.testing.assert_allclose(audio, reference, atol=1e-3)
 
 
+def test_render_decodes_while_generating_with_the_same_audio(synth: Synth,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from pgesam_engine import synth as synth_mod
+    assert synth.m.stream_tail == "istft_overlap" and synth.pipelines(300) and not synth.pipelines(10)
+    after = synth.decode(synth.generate(POINTS, PITCHES))
+    np.testing.assert_allclose(synth.render(POINTS, PITCHES), after, atol=1e-5)  # the tail state included
+    short = synth.render(POINTS[:1], PITCHES[:1], n_frames=10)  # shorter than a chunk: decoded after
+    np.testing.assert_allclose(short, synth.decode(synth.generate(POINTS[:1], PITCHES[:1], n_frames=10)), atol=1e-6)
+
+    def broken(self, frames):
+        raise RuntimeError("decoder exploded")
+    monkeypatch.setattr(synth_mod.StreamDecoder, "push", broken)
+    with pytest.raises(RuntimeError, match="decoder exploded"):  # a failure on the decoding thread reaches the caller
+        synth.render(POINTS[:1], PITCHES[:1])
+
+
 def test_streamed_note_equals_the_rendered_note(synth: Synth) -> None:
     whole = synth.render(POINTS[:1], PITCHES[:1])[0]
     streamed = np.concatenate(list(synth.stream(POINTS[0], int(PITCHES[0]), chunk=16)))
@@ -81,6 +97,30 @@ def test_int8_variant_runs_in_the_engine(tiny_export: TinyChain, torch_frames: n
     frames = int8.generate(POINTS, PITCHES)
     err = np.abs(frames - torch_frames).max()
     assert 0 < err < 0.05 * np.abs(torch_frames).max()  # quantised: close, not identical
+
+
+def test_auto_variant_is_int8_on_cpu_and_the_float_graphs_otherwise(tiny_export: TinyChain) -> None:  # noqa: F811
+    from click.testing import CliRunner
+
+    from pgesam_engine.bundle import AUTO_VARIANT, BundleError, choose_variant
+    from pgesam_engine.cli import cli
+
+    def step_variant(bundle: Bundle) -> str:
+        return bundle.session("decoder_step").get_modelmeta().custom_metadata_map.get("variant", "float")
+    auto = Bundle(tiny_export.bundle, providers="cpu", threads=1, variant=AUTO_VARIANT)
+    assert auto.variant == "int8" and step_variant(auto) == "int8"
+    assert step_variant(Bundle(tiny_export.bundle, providers="cpu", threads=1)) == "float"
+    graphs = auto.manifest.raw["graphs"]
+    assert choose_variant(AUTO_VARIANT, graphs, cpu_only=False, root=auto.root) is None  # CUDA: float graphs
+    assert choose_variant(AUTO_VARIANT, {k: v for k, v in graphs.items() if "variant_of" not in v}, True,
+                          auto.root) is None  # a bundle without int8 graphs
+    with pytest.raises(BundleError, match="no 'fp16' graphs.*--variant fp16"):
+        Bundle(tiny_export.bundle, providers="cpu", threads=1, variant="fp16")
+    out = CliRunner().invoke(cli, ["info", "--bundle", str(tiny_export.bundle), "--provider", "cpu"]).output
+    assert "graphs int8" in out
+    out = CliRunner().invoke(cli, ["info", "--bundle", str(tiny_export.bundle), "--provider", "cpu",
+                                   "--variant", "none"]).output
+    assert "graphs float" in out
 
 
 def test_cli_check_passes_on_the_exported_bundle(tiny_export: TinyChain) -> None:  # noqa: F811

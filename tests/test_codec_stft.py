@@ -104,7 +104,9 @@ def test_streaming_equals_full_decode_in_torch_and_onnx(tmp_path, phase):
     frames = 40
     emb = log_mel_like((2, 128, frames), seed=1)
     with torch.no_grad():
-        full = codec.decode(emb)[:, :-960].numpy()  # (B, frames * hop - latency)
+        whole = codec.decode(emb).numpy()
+    full = whole[:, :-960]  # (B, frames * hop - latency)
+    assert codec.stream_tail_state == "istft_overlap"
     for chunk in CHUNKS:
         state = codec.initial_stream_state(2)
         ort_state = [s.numpy() for s in state]
@@ -120,6 +122,9 @@ def test_streaming_equals_full_decode_in_torch_and_onnx(tmp_path, phase):
             streamed = np.concatenate(out, axis=1)
             assert streamed.shape == (2, frames * 320)
             np.testing.assert_allclose(streamed[:, 960:], full, atol=1e-4, rtol=0, err_msg=f"{name}, chunk {chunk}")
+        tail = {"torch": state[-1].numpy(), "onnx": ort_state[-1]}  # the tail state: the full decode's last samples
+        for name, t in tail.items():
+            np.testing.assert_allclose(t, whole[:, -960:], atol=1e-4, rtol=0, err_msg=f"{name} tail, chunk {chunk}")
 
 
 def test_centred_decoder_decodes_but_does_not_stream():

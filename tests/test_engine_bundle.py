@@ -62,6 +62,13 @@ def test_unknown_version_is_refused(copy: Path) -> None:
         Bundle(copy)
 
 
+def test_stream_tail_must_name_a_stream_state(copy: Path) -> None:
+    stream = json.loads((copy / "manifest.json").read_text())["codec_stream"]
+    edit_manifest(copy, codec_stream={**stream, "tail_state": "no_such_state"})
+    with pytest.raises(BundleError, match="tail_state 'no_such_state' is not one of its stream states"):
+        Bundle(copy)
+
+
 def test_wrong_format_and_missing_manifest(copy: Path, tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="has no manifest.json"):
         Bundle(tmp_path)

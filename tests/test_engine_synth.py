@@ -120,17 +120,50 @@ def test_the_pinned_timbre_survives_a_flood_of_other_points() -> None:
     assert one.entry((0.5, 0.5)) is not None and one.get(0.0, 0.0, 60) is None
 
 
-def test_prerender_fills_every_pitch_with_what_render_gives(synth: Synth) -> None:
+@pytest.mark.parametrize("workers", [1, 3])
+def test_prerender_fills_every_pitch_with_what_render_gives(synth: Synth, workers: int) -> None:
     cache = TimbreCache(48, 25, synth.m.note_samples, 2 ** 30)
-    pre = Prerenderer(synth, cache, batch_size=10, decode_batch=4)
+    pre = Prerenderer(synth, cache, batch_size=5, decode_batch=4, workers=workers)  # 3 workers: 9, 8, 8 rows
     try:
         pre.request((0.25, -0.25))
         assert pre.wait_idle(60)
-        assert cache.state()["complete"] == 1 and pre.rendered == 1
-        direct = synth.render([[0.25, -0.25]], [66])[0]
-        np.testing.assert_allclose(cache.get(0.25, -0.25, 66), direct, atol=1e-5)
+        assert cache.state()["complete"] == 1 and pre.rendered == 1 and pre.failures == 0
+        direct = synth.render([[0.25, -0.25], [0.25, -0.25]], [48, 72])
+        for row, pitch in zip(direct, (48, 72)):  # the first and the last share
+            np.testing.assert_allclose(cache.get(0.25, -0.25, pitch), row, atol=1e-5)
     finally:
         pre.close()
+
+
+def test_prerender_worker_failure_is_reported_and_the_thread_serves_on(synth: Synth) -> None:
+    cache = TimbreCache(48, 25, synth.m.note_samples, 2 ** 30)
+    pre = Prerenderer(synth, cache, workers=2)
+    calls = []
+
+    def failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory")
+        return synth.decode(*args, **kwargs)
+    try:
+        pre.synth = type("S", (), {"generate": synth.generate, "decode": staticmethod(failing_once)})()
+        pre.request((0.1, 0.1))
+        assert pre.wait_idle(60) and pre.failures == 1 and "out of memory" in pre.last_error
+        assert cache.state()["complete"] == 0  # the other worker's share is there, the timbre is not complete
+        pre.request((0.1, 0.1))  # asked again: only the missing rows are rendered
+        assert pre.wait_idle(60) and cache.state()["complete"] == 1
+    finally:
+        pre.close()
+    with pytest.raises(ValueError, match="workers"):
+        Prerenderer(synth, cache, workers=0)
+
+
+def test_decoder_step_runs_one_thread_on_cpu(tiny_bundle) -> None:  # noqa: F811
+    b = Bundle(tiny_bundle, providers="cpu", threads=2)
+    threads = {name: s.get_session_options().intra_op_num_threads for name, s in b.sessions.items()}
+    assert b.step_threads == 1 and threads["decoder_step"] == 1 and threads["codec_decoder"] == 2
+    b3 = Bundle(tiny_bundle, providers="cpu", threads=2, step_threads=3)
+    assert b3.sessions["decoder_step"].get_session_options().intra_op_num_threads == 3
 
 
 def test_streamer_delivers_a_note_and_stores_it(synth: Synth) -> None:

@@ -281,6 +281,31 @@ def test_resume_without_optimizer_rewarms(cache_and_vae: tuple[Path, Path], tmp_
     assert load_checkpoint(tmp_path / "b" / "transformer.pt", "transformer")["extra"]["rewarm_from"] == 30
 
 
+def test_resume_at_a_constant_learning_rate(cache_and_vae: tuple[Path, Path], tmp_path: Path) -> None:
+    """`--lr L --min-lr-ratio 1` on resume continues at L (after the re-warm ramp), not at the schedule's rate."""
+    cache, vae_path = cache_and_vae
+    cfg = tiny_train(30, warmup_steps=20, log_every=1)
+    train_transformer(cfg, cache, vae_path, tmp_path / "a", threads=1)
+    without_optimizer(tmp_path / "a" / "transformer.pt", tmp_path / "b" / "transformer.pt")
+    resumed = load_transformer(train_transformer(dataclasses.replace(cfg, steps=40, lr=1e-4, min_lr_ratio=1.0),
+                                                 cache, vae_path, tmp_path / "b", resume=True, threads=1))[0]
+    assert (resumed.config.lr, resumed.config.min_lr_ratio) == (1e-4, 1.0)
+    with open(tmp_path / "b" / "steps.csv", newline="") as f:
+        lrs = [float(r["lr"]) for r in csv.DictReader(f)]
+    assert [round(v / 1e-4, 6) for v in lrs] == [0.2, 0.4, 0.6, 0.8, 1.0] + [1.0] * 5
+
+
+@pytest.mark.parametrize("args, message", [(["--lr", "0"], "learning rate must be > 0"),
+                                           (["--min-lr-ratio", "1.5"], "min_lr_ratio must be in")])
+def test_train_command_refuses_bad_learning_rates(tmp_path: Path, args: list[str], message: str) -> None:
+    from click.testing import CliRunner
+
+    from pgesam_train.cli import main
+    r = CliRunner().invoke(main, ["transformer", "train", "--preset", "tiny", "--out", str(tmp_path / "run"), *args])
+    assert r.exit_code == 2 and message in r.output
+    assert not (tmp_path / "run").exists()
+
+
 def test_wrong_pitch_range_is_refused(cache_and_vae: tuple[Path, Path], tmp_path: Path) -> None:
     cache, vae_path = cache_and_vae
     with pytest.raises(ValueError, match="MIDI pitches 48-72"):

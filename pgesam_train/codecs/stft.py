@@ -226,6 +226,7 @@ class StftCodec(Codec):
         self.encoder = LogMel(c.sample_rate, c.n_fft, c.hop, c.n_mels) if c.encoder == "mel" else LearnedEncoder(c)
         self.decoder = StftDecoder(c)
         self.stream_latency = c.n_fft - c.hop
+        self.stream_tail_state = "istft_overlap"  # the overlap-add not yet complete: the full decode's last samples
 
     def _encode(self, wav: Tensor) -> Tensor:
         return self.encoder(wav)
