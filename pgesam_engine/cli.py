@@ -21,8 +21,8 @@ import numpy as np
 
 from . import __version__
 from .audio import AudioError, list_devices, open_backend, write_wav_atomic
-from .bundle import (AUTO_VARIANT, CPU_STEP_THREADS, CPU_VARIANT, Bundle, BundleError, cuda_unusable_reason, default_bundle_path,
-                     resolve_providers)
+from .bundle import (AUTO_VARIANT, CPU_STEP_THREADS, CPU_VARIANT, Bundle, BundleError, cuda_unusable_reason,
+                     default_bundle_path, resolve_providers)
 from .engine import Engine, EngineConfig, EngineError
 from .synth import STEP_MODES, Synth, SynthError
 

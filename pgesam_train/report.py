@@ -235,7 +235,7 @@ def section_bundle_pitch(inp: ReportInputs) -> str:
     head = "## The bundle's own notes (onnxruntime, fp16 weight storage, int8 variant)\n\n"
     result = _read_json(inp.find(inp.bundle_pitch, inp.bundle_pitch.name))
     command = (f"pgesam-train export --preset {inp.preset} --weights fp16 --no-static --variant int8 --out B && "
-               f"pgesam-train bundle-pitch B --variant int8 --instruments 4 --json {inp.bundle_pitch}")
+               f"pgesam-train bundle-pitch B --variant int8 --instruments 8 --json {inp.bundle_pitch}")
     if result is None:
         return head + _pending(command)
     from .eval_bundle import markdown
