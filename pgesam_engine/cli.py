@@ -199,8 +199,8 @@ def serve(synth: Synth, host: str, allow_remote: bool, allow: str | None, port: 
         if synth.bundle.fallback:
             click.echo(f"warning: {synth.bundle.fallback}; running on CPU", err=True)
         h, p = server.address
-        click.echo(f"pgesam listening on {h}:{p} (OSC/UDP); provider {synth.bundle.provider}, "
-                   f"audio {engine.backend.describe()}")
+        click.echo(f"pgesam listening on {h}:{p} (OSC/UDP); provider {synth.bundle.provider} "
+                   f"({synth.bundle.variant or 'float'} graphs), audio {engine.backend.describe()}")
     _run_until_stopped(engine, lambda: OscServer(Router(engine), host, port, allow_remote=allow_remote, allow=allow,
                                                  warn=lambda m: click.echo(f"warning: {m}", err=True),
                                                  reply_port=reply_port), announce, duration)
