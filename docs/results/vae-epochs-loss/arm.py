@@ -1,7 +1,7 @@
 """One VAE arm at the small preset: python arm.py NAME EPOCHS loss_field=value ... -> Table-5 variances (train, test).
 
 The arms of docs/results/vae-epochs-loss (REPORT.md, VAE structure): base 30, inst4 30 beta_inst=0.48,
-kl4 30 beta_kl=0.000975, nei4 30 beta_nei=2.4, base200 200, nei4-200 200 beta_nei=2.4; one torch thread each.
+kl4 30 beta_kl=0.000975, nei4 30 beta_nei=2.4, base200 200, nei4-200 200 beta_nei=2.4; one torch thread each, base400 400 on two.
 """
 import dataclasses, json, sys
 import numpy as np
