@@ -107,10 +107,11 @@ def codec_specs(codec: Codec) -> list[GraphSpec]:
 def stream_manifest(codec: Codec) -> dict:
     """The manifest's `codec_stream`: state names and shapes (batch 1), latency in samples, first-chunk minimum,
     and the state holding the full decode's last `latency_samples` after the last frame (when the codec has one)."""
-    out = {"state": [{"name": n, "shape": list(s)} for n, s in stream_state(codec)],
+    state = stream_state(codec)
+    out = {"state": [{"name": n, "shape": list(s)} for n, s in state],
            "latency_samples": int(codec.stream_latency), "min_first_frames": min_first_frames(codec)}
     if codec.stream_tail_state is not None:
-        if codec.stream_tail_state not in {n for n, _ in stream_state(codec)}:
+        if codec.stream_tail_state not in {n for n, _ in state}:
             raise ExportError(f"codec stream tail state {codec.stream_tail_state!r} is not one of its stream states")
         out["tail_state"] = codec.stream_tail_state
     return out

@@ -319,10 +319,11 @@ class Synth:
         points, pitches = np.atleast_2d(points), np.atleast_1d(pitches)
         self.conditions(points, pitches)  # fail before any work
         n = self.m.frames if n_frames is None else int(n_frames)
+        pipelined = self.pipelines(n)
         parts = []
         for i in range(0, len(pitches), batch_size):
             p, q = points[i:i + batch_size], pitches[i:i + batch_size]
-            if self.pipelines(n):
+            if pipelined:
                 parts.append(self._render_pipelined(p, q, n, between_steps))
             else:
                 parts.append(self.decode(self.generate(p, q, n, between_steps)))

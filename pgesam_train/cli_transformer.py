@@ -78,20 +78,15 @@ def train_cmd(preset: str, latents: Path | None, vae_path: Path | None, out: Pat
     from . import paths
     from .cli_vae import find_latents
     from .config import transformer_preset
-    from .train_transformer import dim_weights, train_transformer
+    from .train_transformer import train_transformer
     cfg = transformer_preset(preset)
     cfg = dataclasses.replace(cfg, steps=steps) if steps else cfg
-    try:
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in {"lr": lr, "min_lr_ratio": min_lr_ratio}.items()
-                                          if v is not None})
+    given = {k: v for k, v in {"input_noise": input_noise, "low_dims": low_dims, "low_dims_weight": low_dims_weight,
+                               "lr": lr, "min_lr_ratio": min_lr_ratio}.items() if v is not None}
+    try:  # the config refuses bad values: before anything loads
+        cfg = dataclasses.replace(cfg, **given)
     except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--lr / --min-lr-ratio") from e
-    overrides = {"input_noise": input_noise, "low_dims": low_dims, "low_dims_weight": low_dims_weight}
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-    try:
-        dim_weights(cfg)  # refuse bad --low-dims values before loading anything
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--low-dims / --low-dims-weight") from e
+        raise click.BadParameter(str(e), param_hint=" / ".join(f"--{k.replace('_', '-')}" for k in given)) from e
     out = out or paths.checkpoints_dir("transformer", preset)
     ckpt = train_transformer(cfg, find_latents(latents), _vae_path(preset, vae_path), out, resume, threads, device,
                              stop_after)

@@ -209,6 +209,9 @@ class TransformerConfig:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if not 0 <= self.pitch_min <= 127 - self.n_pitches + 1:
             raise ValueError(f"pitch range {self.pitch_min}+{self.n_pitches} leaves MIDI 0-127")
+        if not 0 <= self.low_dims <= self.dim or self.low_dims_weight <= 0:
+            raise ValueError(f"low_dims must be in 0..{self.dim} and low_dims_weight > 0 "
+                             f"(got {self.low_dims}, {self.low_dims_weight})")
         if not self.lr > 0:
             raise ValueError(f"learning rate must be > 0, got {self.lr}")
         if not 0 < self.min_lr_ratio <= 1:
