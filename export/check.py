@@ -246,23 +246,32 @@ def stream_chunks(codec, total: int) -> list[int]:
 
 
 def onnx_decode_stream(s: ort.InferenceSession, manifest_state: list[dict], frames: np.ndarray,
-                       chunks: list[int]) -> np.ndarray:
-    """Streamed decode through codec_decoder_stream: frames (B, dim, T) in chunks -> audio (B, T * hop)."""
+                       chunks: list[int], tail: str | None = None) -> np.ndarray:
+    """Streamed decode through codec_decoder_stream: frames (B, dim, T) in chunks -> audio (B, T * hop), then,
+    when `tail` names the output holding the rest of the note (the stream manifest's tail, `out_<state>` or the
+    extra output), that rest too."""
     state = {f"in_{st['name']}": np.zeros((frames.shape[0], *st["shape"][1:]), np.float32) for st in manifest_state}
     names = [o.name for o in s.get_outputs()]
-    out, pos = [], 0
+    out, pos, result = [], 0, {}
     for n in chunks:
         result = dict(zip(names, s.run(None, {"frames": frames[:, :, pos:pos + n], **state})))
         state = {k: result["out_" + k[3:]] for k in state}
         out.append(result["audio"])
         pos += n
-    return np.concatenate(out, axis=1)
+    return np.concatenate(out + ([result[tail]] if tail else []), axis=1)
+
+
+def stream_tail_name(stream: dict) -> str | None:
+    """The stream graph output that holds the rest of the note after its last frame (docs/bundle.md), or None."""
+    if stream.get("tail_output"):
+        return stream["tail_output"]
+    return f"out_{stream['tail_state']}" if stream.get("tail_state") else None
 
 
 def check_stream(sessions: dict, m: Models, real: torch.Tensor, tol: float) -> list[Row]:
     codec, rows = m.codec, []
-    spec = codec_graphs.stream_manifest(codec)["state"]
-    lat = codec.stream_latency
+    stream = codec_graphs.stream_manifest(codec)
+    spec, tail, lat = stream["state"], stream_tail_name(stream), codec.stream_latency
     for case, emb in (("random", codec_graphs.example_frames(codec, 2, 75, seed=3)), ("real", real[:, :, :75])):
         chunks = stream_chunks(codec, emb.shape[2])
         streamed = onnx_decode_stream(sessions["codec_decoder_stream"], spec, emb.numpy(), chunks)
@@ -271,6 +280,10 @@ def check_stream(sessions: dict, m: Models, real: torch.Tensor, tol: float) -> l
         full = _run(sessions["codec_decoder"], emb=emb)[0]
         rows.append(Row("codec_decoder_stream", f"{case} vs whole decode (latency {lat} samples)",
                         *_err(streamed[:, lat:], full[:, :full.shape[1] - lat]), tol))
+        if tail and lat:
+            whole = onnx_decode_stream(sessions["codec_decoder_stream"], spec, emb.numpy(), chunks, tail)
+            rows.append(Row("codec_decoder_stream", f"{case} with its tail ({tail}) vs whole decode",
+                            *_err(whole[:, lat:], full), tol))
     return rows
 
 

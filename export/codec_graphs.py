@@ -92,9 +92,11 @@ def codec_decoder_stream_spec(codec: Codec, batch: int = 2, modules: dict[str, n
     state = codec.initial_stream_state(batch)
     axes = {"frames": {0: "B", 2: "t"}, "audio": {0: "B", 1: "samples"}}
     axes.update({f"{p}_{n}": {0: "B"} for n in names for p in ("in", "out")})
+    tail = [codec.stream_tail_output] if codec.stream_tail_output else []
+    axes.update({n: {0: "B"} for n in tail})
     args = (example_frames(codec, batch, EXAMPLE_FRAMES), *state)
     return GraphSpec(STREAM, module, args, ["frames", *[f"in_{n}" for n in names]],
-                     ["audio", *[f"out_{n}" for n in names]], axes)
+                     ["audio", *[f"out_{n}" for n in names], *tail], axes)
 
 
 def codec_specs(codec: Codec) -> list[GraphSpec]:
@@ -106,7 +108,8 @@ def codec_specs(codec: Codec) -> list[GraphSpec]:
 
 def stream_manifest(codec: Codec) -> dict:
     """The manifest's `codec_stream`: state names and shapes (batch 1), latency in samples, first-chunk minimum,
-    and the state holding the full decode's last `latency_samples` after the last frame (when the codec has one)."""
+    and where the full decode's last `latency_samples` are after the last frame, when the codec has them: a state
+    (`tail_state`) or an extra output of the stream graph (`tail_output`)."""
     state = stream_state(codec)
     out = {"state": [{"name": n, "shape": list(s)} for n, s in state],
            "latency_samples": int(codec.stream_latency), "min_first_frames": min_first_frames(codec)}
@@ -114,6 +117,8 @@ def stream_manifest(codec: Codec) -> dict:
         if codec.stream_tail_state not in {n for n, _ in state}:
             raise ExportError(f"codec stream tail state {codec.stream_tail_state!r} is not one of its stream states")
         out["tail_state"] = codec.stream_tail_state
+    if codec.stream_tail_output is not None:
+        out["tail_output"] = codec.stream_tail_output
     return out
 
 
@@ -124,7 +129,8 @@ def torch_decode_stream(codec: Codec, frames: Tensor, chunks: list[int]) -> Tens
     state, out, pos = codec.initial_stream_state(frames.shape[0]), [], 0
     with torch.no_grad():
         for n in chunks:
-            audio, *state = module(frames[:, :, pos:pos + n], *state)
+            audio, *rest = module(frames[:, :, pos:pos + n], *state)
+            state = rest[:len(state)]
             out.append(audio)
             pos += n
     return torch.cat(out, dim=1)

@@ -101,7 +101,8 @@ class Manifest:
     stream_latency: int
     stream_min_first_frames: int  # the codec's first streamed chunk needs at least this many frames (EnCodec: 7)
     map: TimbreMap
-    # the stream state holding, after the last frame, the whole-note decode's last stream_latency samples (stft)
+    # the codec_decoder_stream output holding, after the last frame, the whole-note decode's last stream_latency
+    # samples: out_<tail_state> (a state that also feeds the next call) or the manifest's tail_output (stft)
     stream_tail: str | None = None
 
     @property
@@ -145,6 +146,7 @@ def _typed_manifest(raw: dict, where: str) -> Manifest:
     tail = stream.get("tail_state")
     if tail is not None and tail not in {s["name"] for s in stream.get("state", [])}:
         raise BundleError(f"{where}: codec_stream.tail_state {tail!r} is not one of its stream states; re-export it")
+    tail = stream.get("tail_output") or (f"out_{tail}" if tail is not None else None)
     return Manifest(
         raw=raw, sample_rate=int(_need(raw, "sample_rate", where)), frame_rate=float(_need(raw, "frame_rate", where)),
         hop=int(_need(raw, "hop", where)), frames=int(_need(raw, "frames", where)), dim=int(_need(raw, "dim", where)),

@@ -183,11 +183,12 @@ class StreamDecoder:
         self.state = {f"in_{name}": np.zeros((batch, *shape[1:]), _type_of(session, f"in_{name}"))
                       for name, shape in state}
         self.skip = latency_samples
+        self.outputs: dict[str, np.ndarray] = {}
 
     def push(self, frames: np.ndarray) -> np.ndarray:
         outs = self.session.run(None, {"frames": np.ascontiguousarray(frames, np.float32), **self.state})
         names = [o.name for o in self.session.get_outputs()]
-        result = dict(zip(names, outs))
+        result = self.outputs = dict(zip(names, outs))
         for key in self.state:
             self.state[key] = result["out_" + key[3:]]
         audio = result["audio"]
@@ -370,14 +371,15 @@ class Synth:
         if failed:
             raise failed[0]
         if self.m.stream_tail is not None and self.m.stream_latency:
-            audio.append(dec.state[f"in_{self.m.stream_tail}"].astype(np.float32))
+            audio.append(dec.outputs[self.m.stream_tail].astype(np.float32))
         return np.concatenate(audio, axis=1)
 
     def stream(self, point: Sequence[float], pitch: int, chunk: int | None = None,
                n_frames: int | None = None, first_chunk: int = 2) -> Iterator[np.ndarray]:
         """One note as audio chunks (float32) as soon as each chunk of frames exists: `first_chunk` frames,
         doubling up to `chunk`. The first chunk is at least long enough to outlast the codec's latency and at
-        least the codec's `min_first_frames`.
+        least the codec's `min_first_frames`. Where the codec has a stream tail, it comes last, so the chunks
+        together are the rendered note.
 
         Without codec_decoder_stream in the bundle, the whole note is yielded at once after generation.
         """
@@ -391,6 +393,8 @@ class Synth:
                             self.m.stream_latency)
         for frames in self.iter_frames([point], [pitch], n_frames, chunk, first_chunk=first_chunk):
             yield dec.push(frames)[0]
+        if self.m.stream_tail is not None and self.m.stream_latency:
+            yield dec.outputs[self.m.stream_tail][0].astype(np.float32)  # the rest: streamed == rendered
 
     # ------------------------------------------------------------------------------------------- encoding
     def encode_audio(self, audio: np.ndarray, sample_rate: int, k: int = 3) -> Encoded:

@@ -47,24 +47,28 @@ def codec_group() -> None:
 @click.option("--preset", type=click.Choice(["tiny", "small"]), default="small", show_default=True)
 @click.option("--encoder", type=click.Choice(["mel", "learned"]), default=None,
               help="stft backend: fixed log-mel (preset default) or learned encoder")
+@click.option("--width", type=click.IntRange(8), default=None, help="stft backend: ConvNeXt width (preset's)")
+@click.option("--blocks", type=click.IntRange(1), default=None, help="stft backend: ConvNeXt blocks (preset's)")
+@click.option("--refine-iters", type=click.IntRange(0), default=None,
+              help="stft backend: phase-refinement iterations after the head (preset's; 0 = one-pass phase)")
 @click.option("--dataset", type=click.Path(path_type=Path), default=None, help="NSynth-format folder")
 @click.option("--steps", type=int, default=None, help="train up to this step (default: the preset's)")
 @click.option("--minutes", type=float, default=None, help="stop after this many minutes of wall time")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="checkpoint (resumed if it exists)")
 @click.option("--save-every", type=int, default=500, show_default=True)
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's)")
-def train_cmd(backend: str, preset: str, encoder: str | None, dataset: Path | None, steps: int | None,
-              minutes: float | None, out: Path | None, save_every: int, threads: int | None) -> None:
+def train_cmd(backend: str, preset: str, encoder: str | None, width: int | None, blocks: int | None,
+              refine_iters: int | None, dataset: Path | None, steps: int | None, minutes: float | None,
+              out: Path | None, save_every: int, threads: int | None) -> None:
     """Train a codec on the dataset's train split (resumes from --out if it exists)."""
     from .codec import codec_preset
     from .train_codec import train_codec
     if backend == "griffinlim":
         raise click.UsageError("the griffinlim floor needs no training: `pgesam-train codec eval` always reports it")
-    config = codec_preset(preset, backend)
-    if encoder is not None:
-        config = dataclasses.replace(config, encoder=encoder)
-    if steps is not None:
-        config = dataclasses.replace(config, steps=steps)
+    overrides = {"encoder": encoder, "width": width, "n_blocks": blocks, "refine_iters": refine_iters,
+                 "steps": steps}
+    config = dataclasses.replace(codec_preset(preset, backend),
+                                 **{k: v for k, v in overrides.items() if v is not None})
     out = out or default_checkpoint(backend, preset, config.encoder)
     dataset = dataset or paths.dataset_dir("default")
     _echo_json(train_codec(config, dataset, out, minutes=minutes, save_every=save_every, threads=threads))

@@ -61,11 +61,13 @@ class Codec(torch.nn.Module):
     `export_modules()` and `stream_state_spec()`, and set `stream_latency` (samples by which the streamed audio
     lags the full decode; 0 for fully causal designs) and, where one exists, `stream_tail_state`: the stream state
     that after the last frame holds the full decode's last `stream_latency` samples (so a streamed decode plus that
-    state is the full decode, and the engine may decode a note while it is still being generated).
+    state is the full decode, and the engine may decode a note while it is still being generated), or
+    `stream_tail_output`: an extra last output of the stream graph (not fed back) that holds them.
     """
 
     stream_latency: int = 0
     stream_tail_state: str | None = None
+    stream_tail_output: str | None = None
 
     def __init__(self, config: CodecConfig):
         super().__init__()
@@ -191,6 +193,7 @@ def weights_sha256(module: torch.nn.Module) -> str:
 
 ENCODER_FIELDS = ("sample_rate", "hop", "dim", "n_fft", "n_mels", "encoder", "width", "kernel", "causal", "ffn_mult",
                   "encodec_n_filters", "encodec_lstm_layers", "encodec_ratios")
+MEL_ENCODER_FIELDS = ("sample_rate", "hop", "dim", "n_fft", "n_mels", "encoder")  # all that shapes a log-mel
 
 
 def encoder_kind(config: CodecConfig) -> str:
@@ -206,6 +209,9 @@ def encoder_sha256(codec: Codec) -> str:
     h = hashlib.sha256()
     config = to_dict(codec.config)
     fields = {k: config[k] for k in ENCODER_FIELDS}
+    if encoder_kind(codec.config) == "mel":  # the log-mel has no width or kernel: those are hashed at their defaults,
+        defaults = to_dict(CodecConfig())  # so a narrower decoder over the same log-mel reads the same latents
+        fields.update({k: defaults[k] for k in ENCODER_FIELDS if k not in MEL_ENCODER_FIELDS})
     h.update(json.dumps({"kind": encoder_kind(codec.config), **fields}, sort_keys=True).encode())
     tensors = dict(codec.encoder.named_parameters())
     tensors.update(codec.encoder.named_buffers())

@@ -120,6 +120,9 @@ class CodecConfig:
     # zero, so an untrained decoder already sounds like a one-pass phase vocoder and training only refines it
     mel_prior: bool = True
     mel_prior_iters: int = 8  # multiplicative NNLS updates per frame (frame-local: streaming is unchanged)
+    # fast Griffin-Lim iterations after the head (magnitude kept, phase made consistent across frames), inside the
+    # decoder and so inside training; each adds n_fft / hop - 1 frames (40 ms) to the streaming lookahead
+    refine_iters: int = 0
     # griffinlim backend (the floor): same log-mel encoder as `stft`, phase found by iteration
     griffinlim_iters: int = 32
     # encodec backend: SEANet encoder/decoder of the `encodec` package, no quantizer
@@ -148,6 +151,8 @@ class CodecConfig:
             raise ValueError(f"a log-mel encoder gives n_mels={self.n_mels} dims, but dim={self.dim}")
         if self.n_fft < self.hop or self.n_fft % self.hop:
             raise ValueError(f"n_fft {self.n_fft} must be a multiple of hop {self.hop}")
+        if self.refine_iters < 0:
+            raise ValueError(f"codec refine_iters must be 0 or more, got {self.refine_iters}")
 
     @property
     def frame_rate(self) -> float:
@@ -162,8 +167,9 @@ CODEC_PRESET_TABLE: dict[str, CodecConfig] = {
     # tests: one narrow ConvNeXt block (stft), a 4-filter 1-LSTM-layer SEANet at random init (encodec)
     "tiny": CodecConfig(width=32, n_blocks=1, ffn_mult=2, griffinlim_iters=4, encodec_n_filters=4,
                         encodec_lstm_layers=1, encodec_pretrained=False, steps=20, batch_size=2, crop_frames=16),
-    # 2 CPU cores: 8 ConvNeXt blocks of width 384 (stft); the pretrained EnCodec 24 kHz sizes (encodec)
-    "small": CodecConfig(),
+    # 2 CPU cores: 4 ConvNeXt blocks of width 256 and 2 phase-refinement iterations (stft: decodes as fast as
+    # 8 blocks of width 384 without refinement, docs/codec-comparison.md); the pretrained EnCodec 24 kHz sizes
+    "small": CodecConfig(width=256, n_blocks=4, refine_iters=2, steps=10000),
 }
 
 

@@ -157,11 +157,13 @@ def export_codec_onnx(codec: Codec, out_dir: Path, opset: int = 17) -> dict[str,
     """Export the codec's three graphs (legacy exporter, dynamic batch and length) for tests and benchmarks.
 
     Names: codec_encoder (wav -> emb), codec_decoder (emb -> wav), codec_decoder_stream (frames, in_<state>...
-    -> audio, out_<state>...). The shipped bundle is written by `export/`, not here."""
+    -> audio, out_<state>..., then the codec's tail output if it has one). The shipped bundle is written by
+    `export/`, not here."""
     out_dir.mkdir(parents=True, exist_ok=True)
     mods = {k: m.eval() for k, m in codec.export_modules().items()}
     spec = codec.stream_state_spec()
     state_in, state_out = [f"in_{n}" for n, _ in spec], [f"out_{n}" for n, _ in spec]
+    state_out += [codec.stream_tail_output] if codec.stream_tail_output else []
     frames = torch.randn(1, codec.dim, 8)
     jobs = {
         "codec_encoder": ((torch.randn(1, 8 * codec.hop),), ["wav"], ["emb"],

@@ -60,7 +60,7 @@ def test_engine_renders_the_torch_reference_audio(synth: Synth, tiny_export: Tin
 def test_render_decodes_while_generating_with_the_same_audio(synth: Synth,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     from pgesam_engine import synth as synth_mod
-    assert synth.m.stream_tail == "istft_overlap" and synth.pipelines(300) and not synth.pipelines(10)
+    assert synth.m.stream_tail == "out_istft_overlap" and synth.pipelines(300) and not synth.pipelines(10)
     after = synth.decode(synth.generate(POINTS, PITCHES))
     np.testing.assert_allclose(synth.render(POINTS, PITCHES), after, atol=1e-5)  # the tail state included
     short = synth.render(POINTS[:1], PITCHES[:1], n_frames=10)  # shorter than a chunk: decoded after
@@ -76,9 +76,8 @@ def test_render_decodes_while_generating_with_the_same_audio(synth: Synth,
 def test_streamed_note_equals_the_rendered_note(synth: Synth) -> None:
     whole = synth.render(POINTS[:1], PITCHES[:1])[0]
     streamed = np.concatenate(list(synth.stream(POINTS[0], int(PITCHES[0]), chunk=16)))
-    latency = synth.m.stream_latency
-    assert len(streamed) == len(whole) - latency  # the codec's lookahead is dropped at the start
-    np.testing.assert_allclose(streamed, whole[:len(streamed)], atol=1e-4)
+    assert len(streamed) == len(whole)  # the lookahead dropped at the start, the tail appended at the end
+    np.testing.assert_allclose(streamed, whole, atol=1e-4)
 
 
 def test_engine_places_audio_where_the_vae_does(synth: Synth, tiny_export: TinyChain) -> None:  # noqa: F811

@@ -124,12 +124,13 @@ def test_griffinlim_floor_keeps_pitch():
     assert (codec.encode(y) - codec.encode(x)).abs().mean() < 0.5  # its mel matches the original's
 
 
-def test_training_steps_lower_the_loss():
+@pytest.mark.parametrize("refine_iters,lr", [(0, 3e-3), (2, 1e-3)])  # refinement: gradients through 2 GL steps
+def test_training_steps_lower_the_loss(refine_iters, lr):
     torch.manual_seed(0)
-    codec = build_codec(codec_preset("tiny"))
+    codec = build_codec(dataclasses.replace(codec_preset("tiny"), refine_iters=refine_iters))
     x = torch.from_numpy(np.stack([harmonic(220, 0.3), harmonic(330, 0.3)]))
     loss_fn = SpectralLoss(SR)
-    opt = torch.optim.AdamW(codec.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(codec.parameters(), lr=lr)
     losses = []
     for _ in range(25):
         loss = reconstruction_loss(codec, loss_fn, x)["loss"]
@@ -155,6 +156,33 @@ def test_train_checkpoint_and_resume(dataset, tmp_path):
         train_codec(dataclasses.replace(config, width=48), dataset, out, progress=False)
     with pytest.raises(CodecError, match="nothing to train"):
         train_codec(codec_preset("tiny", "griffinlim"), dataset, tmp_path / "gl.pt", progress=False)
+
+
+def test_a_narrower_decoder_over_the_same_log_mel_reads_the_same_latents():
+    from pgesam_train.codec import codec_id
+    base = codec_preset("tiny")
+    same = [codec_id(build_codec(dataclasses.replace(base, **kw)))["encoder_sha256"]
+            for kw in ({}, {"width": 16, "n_blocks": 2, "kernel": 3}, {"refine_iters": 2})]
+    assert len(set(same)) == 1  # the log-mel does not depend on the decoder's sizes
+    other = codec_id(build_codec(dataclasses.replace(base, n_mels=64, dim=64)))["encoder_sha256"]
+    learned = [codec_id(build_codec(dataclasses.replace(base, encoder="learned", width=w)))["encoder_sha256"]
+               for w in (16, 24)]
+    assert other != same[0] and learned[0] != learned[1]  # a learned encoder's width does shape it
+
+
+def test_train_cli_overrides_the_preset(dataset, tmp_path):
+    from click.testing import CliRunner
+
+    from pgesam_train.cli_codec import codec_group
+    out = tmp_path / "refined.pt"
+    args = ["train", "--preset", "tiny", "--dataset", str(dataset), "--out", str(out), "--steps", "2", "--width",
+            "16", "--blocks", "2", "--refine-iters", "1", "--threads", "1"]
+    result = CliRunner().invoke(codec_group, args)
+    assert result.exit_code == 0, result.output
+    config = load_codec(out).config
+    assert (config.width, config.n_blocks, config.refine_iters, config.steps) == (16, 2, 1, 2)
+    result = CliRunner().invoke(codec_group, args[:-4] + ["--refine-iters", "-1"])
+    assert result.exit_code != 0 and "--refine-iters" in result.output
 
 
 def test_encode_dataset_writes_a_readable_cache(dataset, tmp_path):

@@ -313,6 +313,25 @@ def test_encodec_backend_exports_to_the_same_contract(tiny_export: TinyChain, en
     np.testing.assert_allclose(streamed, full, atol=1e-5)
 
 
+def test_refined_stft_codec_streams_and_pipelines_in_the_engine(tiny_export: TinyChain, tmp_path: Path) -> None:
+    """Phase refinement moves the rest of a streamed note into the stream graph's `tail` output: the engine's
+    pipelined render and its streamed note must both still equal the whole-note decode."""
+    from pgesam_engine.synth import Synth
+    torch.manual_seed(0)
+    codec = build_codec(dataclasses.replace(codec_preset("tiny"), refine_iters=1)).eval()
+    ckpt = save_codec(tmp_path / "refined.pt", codec)  # the same log-mel encoder: the tiny chain's latents fit
+    out = export_bundle(ckpt, tiny_export.vae, tiny_export.transformer, tmp_path / "b", static=False)
+    m = read_manifest(out)["codec_stream"]
+    assert m["tail_output"] == "tail" and "tail_state" not in m and m["latency_samples"] == 960 + 3 * 320
+    synth = Synth(Bundle(out, providers="cpu", threads=1))
+    assert synth.m.stream_tail == "tail" and synth.pipelines(300)
+    points, pitches = np.array([[0.2, -0.1], [-0.5, 0.3]], np.float32), np.array([55, 67])
+    whole = synth.decode(synth.generate(points, pitches))
+    np.testing.assert_allclose(synth.render(points, pitches), whole, atol=1e-4)  # pipelined, tail appended
+    streamed = np.concatenate(list(synth.stream(points[0], int(pitches[0]), chunk=8)))
+    np.testing.assert_allclose(streamed, whole[0], atol=1e-4)
+
+
 def test_griffinlim_has_no_onnx_form() -> None:
     codec = build_codec(codec_preset("tiny", "griffinlim"))
     with pytest.raises(ExportError, match="griffinlim codec cannot be exported.*iterative phase search"):

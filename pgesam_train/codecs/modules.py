@@ -96,15 +96,16 @@ class ISTFT(nn.Module):
         basis = basis * window / (n_fft * ola_gain)
         self.register_buffer("basis", basis.float()[:, None, :], persistent=False)  # (2F, 1, n_fft)
 
-    def _overlap_add(self, re: Tensor, im: Tensor) -> Tensor:
+    def overlap_add(self, re: Tensor, im: Tensor) -> Tensor:
+        """All of it, frame t at samples [t * hop, t * hop + n_fft): (B, T * hop + n_fft - hop)."""
         spec = torch.cat([re, im], dim=1)  # (B, 2F, T)
-        return F.conv_transpose1d(spec, self.basis, stride=self.hop)[:, 0]  # (B, T * hop + n_fft - hop)
+        return F.conv_transpose1d(spec, self.basis, stride=self.hop)[:, 0]
 
     def forward(self, re: Tensor, im: Tensor) -> Tensor:
-        return self._overlap_add(re, im)[:, self.latency:]  # (B, T * hop)
+        return self.overlap_add(re, im)[:, self.latency:]  # (B, T * hop)
 
     def step(self, re: Tensor, im: Tensor, overlap: Tensor) -> tuple[Tensor, Tensor]:
-        y = self._overlap_add(re, im)  # (B, t * hop + latency)
+        y = self.overlap_add(re, im)  # (B, t * hop + latency)
         y = torch.cat([y[:, : self.latency] + overlap, y[:, self.latency:]], dim=1)
         return y[:, : -self.latency], y[:, -self.latency:]  # (B, t * hop), (B, latency)
 

@@ -5,8 +5,13 @@ log-magnitude STFT (`"learned"`). Decoder: causal conv -> ConvNeXt blocks at 75 
 and phase for n_fft // 2 + 1 bins (`SpectrumHead`: a running sum of predicted phase advances, or Vocos' per-frame
 angle) -> inverse STFT (fixed DFT bases, overlap-add).
 
-Lookahead: the conv stack is causal; the only lag of the streamed audio is the iSTFT overlap, n_fft - hop samples
-(960 = 40 ms = 3 frames at the defaults): audio up to the end of frame t - 3 is final once frame t is in.
+Phase refinement (`config.refine_iters` = K > 0): K fast Griffin-Lim iterations after the head, magnitude kept,
+starting from the head's phase (`PhaseRefine`). Parameter-free, but part of the decoder, so training learns the
+magnitude that sounds best after it.
+
+Lookahead: the conv stack is causal; the lag of the streamed audio is the iSTFT overlap, n_fft - hop samples
+(960 = 40 ms = 3 frames at the defaults), plus, with refinement, K * (n_fft / hop - 1) frames (each iteration
+lets a frame's phase depend on its n_fft / hop - 1 neighbours on either side): 3 + 3K frames in all.
 """
 from __future__ import annotations
 
@@ -160,6 +165,40 @@ class SpectrumHead(nn.Module):
         return (*self._complex(log_mag, running + self.window_phase + p[1]), running[:, :, -1])
 
 
+class PhaseRefine(nn.Module):
+    """(real, imag) (B, F, T) -> the same magnitudes with a more consistent phase: `iters` fast Griffin-Lim
+    iterations (Perraudin et al. 2013, momentum 0.99) starting from the given phase.
+
+    One iteration overlap-adds the frames (`ISTFT`'s bases, constant window gain) and analyses the result again
+    at the same frame positions, so a frame's new phase depends on its `n_fft / hop - 1` neighbours on either side;
+    after `iters` iterations frames within `reach` = iters * (n_fft / hop - 1) of either end of the input have seen
+    a truncated neighbourhood. Frames with zero magnitude contribute nothing: zero frames before the start of a note
+    are the same as no frames, which is what makes the windowed streaming form exact.
+    """
+
+    MOMENTUM = 0.99
+
+    def __init__(self, c: CodecConfig, istft: ISTFT):
+        super().__init__()
+        self.iters, self.hop = c.refine_iters, c.hop
+        self.reach = c.refine_iters * (c.n_fft // c.hop - 1)
+        self.overlap_add = istft.overlap_add
+        self.register_buffer("analysis", STFT(c.n_fft, c.hop).basis, persistent=False)  # (2F, 1, n_fft)
+
+    def forward(self, re: Tensor, im: Tensor) -> tuple[Tensor, Tensor]:
+        mag = torch.sqrt(re * re + im * im + 1e-20)
+        unit_re, unit_im = re / mag, im / mag
+        prev_re = prev_im = None
+        alpha = self.MOMENTUM / (1 + self.MOMENTUM)
+        for _ in range(self.iters):
+            y = self.overlap_add(mag * unit_re, mag * unit_im)  # (B, (T - 1) * hop + n_fft), frame t at t * hop
+            new_re, new_im = F.conv1d(y[:, None], self.analysis, stride=self.hop).chunk(2, dim=1)  # (B, F, T)
+            a_re, a_im = (new_re, new_im) if prev_re is None else (new_re - alpha * prev_re, new_im - alpha * prev_im)
+            norm = torch.sqrt(a_re * a_re + a_im * a_im + 1e-12)
+            unit_re, unit_im, prev_re, prev_im = a_re / norm, a_im / norm, new_re, new_im
+        return mag * unit_re, mag * unit_im
+
+
 class StftDecoder(nn.Module):
     """emb (B, dim, T) -> wav (B, T * hop). `step` is the same computation with explicit streaming state."""
 
@@ -171,25 +210,53 @@ class StftDecoder(nn.Module):
                                     for _ in range(c.n_blocks))
         self.head = SpectrumHead(c)
         self.istft = ISTFT(c.n_fft, c.hop)
+        self.refine = PhaseRefine(c, self.istft) if c.refine_iters > 0 else None
 
-    def forward(self, emb: Tensor) -> Tensor:
+    def spectrum(self, emb: Tensor) -> tuple[Tensor, Tensor]:
+        """emb (B, dim, T) -> the head's (real, imag) (B, F, T), before refinement."""
         h = self.norm_in(self.conv_in(emb).transpose(1, 2)).transpose(1, 2)  # (B, width, T)
         for block in self.blocks:
             h = block(h)
-        return self.istft(*self.head(h, emb))  # (B, T * hop)
+        return self.head(h, emb)
 
-    def step(self, frames: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        """frames (B, dim, t), state [conv_in, block0.., (phase,) istft_overlap] -> (audio (B, t * hop), state)."""
+    def forward(self, emb: Tensor) -> Tensor:
+        re, im = self.spectrum(emb)
+        if self.refine is not None:
+            re, im = self.refine(re, im)
+        return self.istft(re, im)  # (B, T * hop)
+
+    def step(self, frames: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor], Tensor | None]:
+        """frames (B, dim, t), state [conv_in, block0.., (phase,) (refine_history,) istft_overlap] ->
+        (audio (B, t * hop), new state, tail).
+
+        Without refinement the audio lags the full decode by the iSTFT overlap and `tail` is None (the new
+        istft_overlap is the rest of the note if it ends here). With refinement the head's last 2 * reach frames
+        (refine_history) are refined again with the new ones; the frames `reach` or more before the newest are
+        final (their neighbourhood is complete) and are overlap-added into `audio`; `tail` (B, reach * hop +
+        n_fft - hop) is the rest of the note if it ends here, from the same window."""
         h, s_in = self.conv_in.step(frames, state[0])
         h = self.norm_in(h.transpose(1, 2)).transpose(1, 2)  # (B, width, t)
         new_state = [s_in]
         for block, s in zip(self.blocks, state[1:]):
             h, s = block.step(h, s)
             new_state.append(s)
-        phase = state[len(self.blocks) + 1] if self.head.mode == "advance" else None
-        re, im, phase = self.head.step(h, frames, phase)
-        audio, overlap = self.istft.step(re, im, state[-1])
-        return audio, new_state + ([phase] if phase is not None else []) + [overlap]
+        at = len(self.blocks) + 1
+        if self.head.mode == "advance":
+            re, im, phase = self.head.step(h, frames, state[at])
+            new_state.append(phase)
+            at += 1
+        else:
+            re, im, _ = self.head.step(h, frames, None)
+        if self.refine is None:
+            audio, overlap = self.istft.step(re, im, state[-1])
+            return audio, new_state + [overlap], None
+        n_bins, reach, t = self.head.n_bins, self.refine.reach, frames.shape[2]
+        window = torch.cat([state[at], torch.cat([re, im], dim=1)], dim=2)  # (B, 2F, 2 * reach + t)
+        fine_re, fine_im = self.refine(window[:, :n_bins], window[:, n_bins:])
+        audio, overlap = self.istft.step(fine_re[:, :, reach:reach + t], fine_im[:, :, reach:reach + t], state[-1])
+        rest = self.istft.overlap_add(fine_re[:, :, reach + t:], fine_im[:, :, reach + t:])  # (B, reach*hop+lat)
+        tail = torch.cat([rest[:, :overlap.shape[1]] + overlap, rest[:, overlap.shape[1]:]], dim=1)
+        return audio, new_state + [window[:, :, -2 * reach:], overlap], tail
 
 
 class DecoderFull(nn.Module):
@@ -211,8 +278,9 @@ class DecoderStream(nn.Module):
         self.decoder = decoder
 
     def forward(self, frames: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
-        audio, new_state = self.decoder.step(frames, list(state))
-        return (audio, *new_state)
+        """-> (audio, *new_state), then the tail when the decoder refines its phase."""
+        audio, new_state, tail = self.decoder.step(frames, list(state))
+        return (audio, *new_state) if tail is None else (audio, *new_state, tail)
 
 
 class StftCodec(Codec):
@@ -225,8 +293,12 @@ class StftCodec(Codec):
             raise CodecError(f"stft backend: kernel must be at least 2 frames, got {c.kernel}")
         self.encoder = LogMel(c.sample_rate, c.n_fft, c.hop, c.n_mels) if c.encoder == "mel" else LearnedEncoder(c)
         self.decoder = StftDecoder(c)
-        self.stream_latency = c.n_fft - c.hop
-        self.stream_tail_state = "istft_overlap"  # the overlap-add not yet complete: the full decode's last samples
+        reach = self.decoder.refine.reach if self.decoder.refine is not None else 0
+        self.stream_latency = c.n_fft - c.hop + reach * c.hop
+        if reach:  # the not yet final frames, refined as if the note ended with the last chunk
+            self.stream_tail_output = "tail"
+        else:  # the overlap-add not yet complete: the full decode's last samples
+            self.stream_tail_state = "istft_overlap"
 
     def _encode(self, wav: Tensor) -> Tensor:
         return self.encoder(wav)
@@ -245,9 +317,12 @@ class StftCodec(Codec):
         spec += [(f"block{i}", b.dwconv.state_shape) for i, b in enumerate(self.decoder.blocks)]
         if self.config.phase == "advance":
             spec.append(("phase", (1, self.decoder.head.n_bins)))
+        if self.decoder.refine is not None:
+            spec.append(("refine_history", (1, 2 * self.decoder.head.n_bins, 2 * self.decoder.refine.reach)))
         return spec + [("istft_overlap", (1, self.decoder.istft.latency))]
 
     def decode_stream(self, frames: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         if len(state) != len(self.stream_state_spec()):
             raise CodecError(f"stream state has {len(state)} tensors, expected {len(self.stream_state_spec())}")
-        return self.decoder.step(frames, state)
+        audio, new_state, _ = self.decoder.step(frames, state)
+        return audio, new_state
