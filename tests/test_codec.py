@@ -198,7 +198,7 @@ def test_encode_dataset_writes_a_readable_cache(dataset, tmp_path):
     with torch.no_grad():
         expected = codec.encode(torch.from_numpy(resample(audio, 16000, 24000))[None])[0].numpy()
     np.testing.assert_allclose(train.emb[0].astype(np.float32), expected, atol=0.02)
-    other = build_codec(dataclasses.replace(codec_preset("tiny"), width=48))
+    other = build_codec(dataclasses.replace(codec_preset("tiny"), encoder="learned"))  # another encoder
     with pytest.raises(LatentCacheError, match="refusing to mix"):
         encode_dataset(dataset, cache, other, splits=("test",), progress=False)
 
