@@ -18,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from pgesam_engine.bundle import stream_tail_output
 from pgesam_engine.synth import CacheLayout
 from pgesam_train.codec import codec_id
 from pgesam_train.data.latents import LatentCacheError, load_latents
@@ -261,27 +262,21 @@ def onnx_decode_stream(s: ort.InferenceSession, manifest_state: list[dict], fram
     return np.concatenate(out + ([result[tail]] if tail else []), axis=1)
 
 
-def stream_tail_name(stream: dict) -> str | None:
-    """The stream graph output that holds the rest of the note after its last frame (docs/bundle.md), or None."""
-    if stream.get("tail_output"):
-        return stream["tail_output"]
-    return f"out_{stream['tail_state']}" if stream.get("tail_state") else None
-
 
 def check_stream(sessions: dict, m: Models, real: torch.Tensor, tol: float) -> list[Row]:
     codec, rows = m.codec, []
     stream = codec_graphs.stream_manifest(codec)
-    spec, tail, lat = stream["state"], stream_tail_name(stream), codec.stream_latency
+    spec, tail, lat = stream["state"], stream_tail_output(stream), codec.stream_latency
     for case, emb in (("random", codec_graphs.example_frames(codec, 2, 75, seed=3)), ("real", real[:, :, :75])):
         chunks = stream_chunks(codec, emb.shape[2])
-        streamed = onnx_decode_stream(sessions["codec_decoder_stream"], spec, emb.numpy(), chunks)
+        whole = onnx_decode_stream(sessions["codec_decoder_stream"], spec, emb.numpy(), chunks, tail)
+        streamed = whole[:, :emb.shape[2] * codec.hop]  # without the tail
         rows.append(Row("codec_decoder_stream", f"{case} vs torch stream, chunks {chunks[:5]}...",
                         *_err(streamed, codec_graphs.torch_decode_stream(codec, emb, chunks)), tol))
         full = _run(sessions["codec_decoder"], emb=emb)[0]
         rows.append(Row("codec_decoder_stream", f"{case} vs whole decode (latency {lat} samples)",
                         *_err(streamed[:, lat:], full[:, :full.shape[1] - lat]), tol))
         if tail and lat:
-            whole = onnx_decode_stream(sessions["codec_decoder_stream"], spec, emb.numpy(), chunks, tail)
             rows.append(Row("codec_decoder_stream", f"{case} with its tail ({tail}) vs whole decode",
                             *_err(whole[:, lat:], full), tol))
     return rows

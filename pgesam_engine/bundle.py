@@ -138,6 +138,14 @@ def parse_manifest(raw: dict, where: str = "manifest.json") -> Manifest:
                           "the bundle does not follow docs/bundle.md (re-export it)") from e
 
 
+def stream_tail_output(stream: dict) -> str | None:
+    """The codec_decoder_stream output that holds the rest of the note after its last frame, from the manifest's
+    `codec_stream`: its `tail_output`, or `out_<tail_state>`; None when it names neither (docs/bundle.md)."""
+    if stream.get("tail_output"):
+        return stream["tail_output"]
+    return f"out_{stream['tail_state']}" if stream.get("tail_state") is not None else None
+
+
 def _typed_manifest(raw: dict, where: str) -> Manifest:
     kv = _need(raw, "kv_cache", where)
     stream = raw.get("codec_stream", {})
@@ -146,7 +154,6 @@ def _typed_manifest(raw: dict, where: str) -> Manifest:
     tail = stream.get("tail_state")
     if tail is not None and tail not in {s["name"] for s in stream.get("state", [])}:
         raise BundleError(f"{where}: codec_stream.tail_state {tail!r} is not one of its stream states; re-export it")
-    tail = stream.get("tail_output") or (f"out_{tail}" if tail is not None else None)
     return Manifest(
         raw=raw, sample_rate=int(_need(raw, "sample_rate", where)), frame_rate=float(_need(raw, "frame_rate", where)),
         hop=int(_need(raw, "hop", where)), frames=int(_need(raw, "frames", where)), dim=int(_need(raw, "dim", where)),
@@ -154,7 +161,7 @@ def _typed_manifest(raw: dict, where: str) -> Manifest:
         kv=KVSpec(*(int(_need(kv, k, f"{where} kv_cache"))
                     for k in ("layers", "heads", "head_dim", "encoder_length", "max_length"))),
         stream_state=tuple((s["name"], tuple(int(v) for v in s["shape"])) for s in stream.get("state", [])),
-        stream_latency=int(stream.get("latency_samples", 0)), stream_tail=tail,
+        stream_latency=int(stream.get("latency_samples", 0)), stream_tail=stream_tail_output(stream),
         stream_min_first_frames=int(stream.get("min_first_frames", 1)),
         map=TimbreMap(tuple(map(float, bounds["x"])), tuple(map(float, bounds["y"])), float(mp.get("radius", 1.0)),
                       tuple(mp.get("instruments", []))))

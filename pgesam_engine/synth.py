@@ -174,16 +174,21 @@ class StreamDecoder:
     """codec_decoder_stream for a batch: push frames (B, dim, t) -> audio (B, t*hop), state carried explicitly.
 
     The first `latency_samples` of output (the codec's lookahead) are dropped so that streamed audio lines up
-    with the whole-note decode.
+    with the whole-note decode; `rest()` is the rest of it after the last push, from the output named `tail`.
     """
 
     def __init__(self, session: ort.InferenceSession, state: Sequence[tuple[str, tuple[int, ...]]], batch: int,
-                 latency_samples: int = 0):
+                 latency_samples: int = 0, tail: str | None = None):
         self.session = session
         self.state = {f"in_{name}": np.zeros((batch, *shape[1:]), _type_of(session, f"in_{name}"))
                       for name, shape in state}
         self.skip = latency_samples
+        self.tail = tail if latency_samples else None  # no lag, nothing left after the last frame
         self.outputs: dict[str, np.ndarray] = {}
+
+    def rest(self) -> np.ndarray | None:
+        """(B, latency_samples): the whole-note decode's last samples after the last push, or None without a tail."""
+        return None if self.tail is None else self.outputs[self.tail].astype(np.float32)
 
     def push(self, frames: np.ndarray) -> np.ndarray:
         outs = self.session.run(None, {"frames": np.ascontiguousarray(frames, np.float32), **self.state})
@@ -346,7 +351,7 @@ class Synth:
         """Generate on this thread; decode each PIPELINE_CHUNK of frames on another with the streaming decoder;
         append the tail state (the full decode's last samples). Equal to decode(generate(...))."""
         dec = StreamDecoder(self.bundle.session("codec_decoder_stream"), self.m.stream_state, len(pitches),
-                            self.m.stream_latency)
+                            self.m.stream_latency, self.m.stream_tail)
         todo: queue.Queue = queue.Queue()
         audio: list[np.ndarray] = []
         failed: list[BaseException] = []
@@ -370,8 +375,8 @@ class Synth:
             worker.join()
         if failed:
             raise failed[0]
-        if self.m.stream_tail is not None and self.m.stream_latency:
-            audio.append(dec.outputs[self.m.stream_tail].astype(np.float32))
+        if (rest := dec.rest()) is not None:
+            audio.append(rest)
         return np.concatenate(audio, axis=1)
 
     def stream(self, point: Sequence[float], pitch: int, chunk: int | None = None,
@@ -390,11 +395,11 @@ class Synth:
             yield self.decode(self.generate([point], [pitch], n_frames))[0]
             return
         dec = StreamDecoder(self.bundle.session("codec_decoder_stream"), self.m.stream_state, 1,
-                            self.m.stream_latency)
+                            self.m.stream_latency, self.m.stream_tail)
         for frames in self.iter_frames([point], [pitch], n_frames, chunk, first_chunk=first_chunk):
             yield dec.push(frames)[0]
-        if self.m.stream_tail is not None and self.m.stream_latency:
-            yield dec.outputs[self.m.stream_tail][0].astype(np.float32)  # the rest: streamed == rendered
+        if (rest := dec.rest()) is not None:
+            yield rest[0]  # streamed == rendered
 
     # ------------------------------------------------------------------------------------------- encoding
     def encode_audio(self, audio: np.ndarray, sample_rate: int, k: int = 3) -> Encoded:
