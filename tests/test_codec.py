@@ -183,6 +183,24 @@ def test_train_cli_overrides_the_preset(dataset, tmp_path):
     assert (config.width, config.n_blocks, config.refine_iters, config.steps) == (16, 2, 1, 2)
     result = CliRunner().invoke(codec_group, args[:-4] + ["--refine-iters", "-1"])
     assert result.exit_code != 0 and "--refine-iters" in result.output
+    result = CliRunner().invoke(codec_group, args + ["--from-scratch"])
+    assert result.exit_code != 0 and "--backend encodec" in result.output
+
+
+def test_train_cli_trains_the_encodec_architecture_from_scratch(dataset, tmp_path):
+    from click.testing import CliRunner
+
+    from pgesam_train.cli_codec import codec_group
+    out = tmp_path / "seanet.pt"
+    args = ["train", "--backend", "encodec", "--dataset", str(dataset), "--steps", "1", "--threads", "1",
+            "--n-filters", "2"]
+    result = CliRunner().invoke(codec_group, args + ["--preset", "small", "--from-scratch", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    config = load_codec(out).config
+    assert (config.backend, config.encodec_pretrained, config.encodec_n_filters) == ("encodec", False, 2)
+    result = CliRunner().invoke(codec_group, args + ["--preset", "small", "--out", str(tmp_path / "meta.pt")])
+    assert isinstance(result.exception, CodecError) and "Meta's EnCodec" in str(result.exception)
+    assert not (tmp_path / "meta.pt").exists()
 
 
 def test_encode_dataset_writes_a_readable_cache(dataset, tmp_path):
