@@ -219,6 +219,17 @@ def section_transformer(inp: ReportInputs, docs: Path) -> str:
                              f"![pitch accuracy by pitch]({docs.name}/{FIGURES}/{fig.name})" if fig else ""])
 
 
+def section_torch_bench(inp: ReportInputs) -> str:
+    head = "## Generation speed in torch: KV cache against the uncached reference\n\n"
+    name = f"{inp.torch_bench.name}/bench.md"
+    md = _read_text(inp.find(inp.torch_bench / "bench.md", name))
+    command = f"pgesam-train bench --preset {inp.preset} --threads 1"
+    if md is None:
+        return head + _pending(command)
+    return (head + inp.provenance(name) + f"`{command}` (300-frame notes, one batch of them per row; uncached = the full forward "
+            "recomputed at every step, as the paper's reference code generates):\n\n" + md)
+
+
 def section_bench(inp: ReportInputs) -> str:
     head = "## Engine speed (this kind of machine: 2 CPU cores)\n\n"
     name = f"{inp.engine_bench.parent.name}/{inp.engine_bench.name}"
@@ -405,7 +416,7 @@ def write_report(out: Path, docs: Path, inp: ReportInputs, examples: bool = True
         "NSynth, and our codec is not EnCodec, so absolute errors are not comparable with the paper's; "
         "accuracies and variance ratios are.",
         "", section_training(), "", section_data(inp), "", section_codec(inp, docs), "", section_vae(inp, docs), "",
-        section_ablations(inp, docs), "", section_transformer(inp, docs), "",
+        section_ablations(inp, docs), "", section_transformer(inp, docs), "", section_torch_bench(inp), "",
         render_examples(docs, inp.preset) if examples else "", "", section_bundle_pitch(inp), "",
         section_bench(inp)]
     if shortfalls:

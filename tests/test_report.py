@@ -12,11 +12,12 @@ def test_missing_inputs_say_which_command_to_run(tmp_path, monkeypatch):
     inp = ReportInputs(dataset=tmp_path / "no-dataset", runs=tmp_path / "runs")
     text = write_report(tmp_path / "REPORT.md", tmp_path / "docs", inp, examples=False).read_text()
     for heading in ("## Where each model was trained", "## Data", "## Codec", "## Stage 1", "## Ablations",
-                    "## Stage 2", "## The bundle's own notes", "## Engine speed"):
+                    "## Stage 2", "## Generation speed in torch", "## The bundle's own notes", "## Engine speed"):
         assert heading in text
     assert "`pgesam-train vae eval --preset small`" in text
     assert "`pgesam-train codec eval --checkpoint" in text
-    assert text.count("Not measured yet") == 7
+    assert "`pgesam-train bench --preset small --threads 1`" in text
+    assert text.count("Not measured yet") == 8
     assert "`pgesam-train export --preset small --weights fp16 --no-static --variant int8 --out B" in text
 
 
@@ -32,10 +33,12 @@ def test_evaluation_outputs_and_figures_are_carried_in(tmp_path, monkeypatch):
     audio = {"test_generated": {"n": 4, "within_50c": 0.5, "per_note": {"pitch": [48, 48, 60, 60],
                                                                         "cents": [3.0, None, 80.0, -10.0]}}}
     (tf / "transformer_eval.json").write_text(json.dumps({"audio": audio}))
+    (runs / "bench-small").mkdir()
+    (runs / "bench-small" / "bench.md").write_text("| torch-cached | 1 | 0.9 | 3.00 | 12.0x | |\n")
     inp = ReportInputs(dataset=tmp_path / "no-dataset", runs=runs)
     docs = tmp_path / "docs"
     text = write_report(tmp_path / "REPORT.md", docs, inp, examples=False, shortfalls="Fewer steps.").read_text()
-    assert "| table 3 | 0.5 |" in text and "| table 4 | 0.9 |" in text
+    assert "| table 3 | 0.5 |" in text and "| table 4 | 0.9 |" in text and "| 12.0x |" in text
     assert "](docs/figures/timbre_map_train.png)" in text and (docs / "figures" / "timbre_map_train.png").is_file()
     assert (docs / "figures" / "pitch_by_pitch.png").stat().st_size > 1000
     assert text.rstrip().endswith("Fewer steps.")
