@@ -24,7 +24,9 @@ from .bundle import Bundle, BundleError, Manifest
 
 log = logging.getLogger("pgesam.synth")
 STEP_MODES = ("auto", "dynamic", "static")
-PIPELINE_CHUNK = 50  # frames per chunk a whole-note render decodes while generating (2/3 s: with the refining codec, 25-frame chunks cost 2.3x a whole decode in history, 50 1.5x)
+# frames per chunk a whole-note render decodes while generating (2/3 s). Each chunk re-decodes the frames of history
+# the codec's phase refinement needs: a note in 25-frame chunks cost 2.3x a whole decode, in 50-frame chunks 1.5x
+PIPELINE_CHUNK = 50
 _graph_ids = itertools.count(1)
 
 

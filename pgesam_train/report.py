@@ -226,8 +226,8 @@ def section_torch_bench(inp: ReportInputs) -> str:
     command = f"pgesam-train bench --preset {inp.preset} --threads 1"
     if md is None:
         return head + _pending(command)
-    return (head + inp.provenance(name) + f"`{command}` (300-frame notes, one batch of them per row; uncached = the full forward "
-            "recomputed at every step, as the paper's reference code generates):\n\n" + md)
+    return (head + inp.provenance(name) + f"`{command}` (300-frame notes, one batch of them per row; uncached = "
+            "the full forward recomputed at every step, as the paper's reference code generates):\n\n" + md)
 
 
 def section_bench(inp: ReportInputs) -> str:
