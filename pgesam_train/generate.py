@@ -132,7 +132,7 @@ def generate_cached(model: TimbreTransformer, z: torch.Tensor, pitch: torch.Tens
     """KV-cached generation: z (B, 2), pitch (B,) MIDI -> frames (B, dim, n_frames), free-running from <BOS>.
 
     cache: "dynamic" (`DecoderStep`, growing cache), "static" (`DecoderStep(static=True)`, preallocated cache)
-    or "inplace" (the preallocated cache written in place: eager torch's fastest).
+    or "inplace" (the preallocated cache written in place, on `TimbreTransformer.plan_inplace`'s plan: eager torch's fastest).
     """
     if cache not in CACHE_MODES:
         raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
@@ -143,10 +143,11 @@ def generate_cached(model: TimbreTransformer, z: torch.Tensor, pitch: torch.Tens
     kv = empty_cache(cfg, z.shape[0], static=cache != "dynamic", device=z.device, dtype=dtype)
     frame = torch.zeros(z.shape[0], cfg.dim, device=z.device, dtype=dtype)  # <BOS>
     step = DecoderStep(model, static=cache == "static")
+    plan = model.plan_inplace(cross) if cache == "inplace" else None
     out = []
     for t in range(n):
-        if cache == "inplace":
-            frame = model.decode_step_inplace(frame, t, kv, cross)
+        if plan is not None:
+            frame = model.decode_step_inplace(frame, t, kv, plan)
         else:
             frame, kv = step(frame, torch.tensor(t, device=z.device), kv, cross)
         out.append(frame)

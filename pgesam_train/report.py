@@ -223,7 +223,7 @@ def section_torch_bench(inp: ReportInputs) -> str:
     head = "## Generation speed in torch: KV cache against the uncached reference\n\n"
     name = f"{inp.torch_bench.name}/bench.md"
     md = _read_text(inp.find(inp.torch_bench / "bench.md", name))
-    command = f"pgesam-train bench --preset {inp.preset} --threads 1"
+    command = f"pgesam-train bench --preset {inp.preset} --threads 1 --repeats 9"
     if md is None:
         return head + _pending(command)
     return (head + inp.provenance(name) + f"`{command}` (300-frame notes, one batch of them per row; uncached = "

@@ -16,7 +16,7 @@ def test_missing_inputs_say_which_command_to_run(tmp_path, monkeypatch):
         assert heading in text
     assert "`pgesam-train vae eval --preset small`" in text
     assert "`pgesam-train codec eval --checkpoint" in text
-    assert "`pgesam-train bench --preset small --threads 1`" in text
+    assert "`pgesam-train bench --preset small --threads 1 --repeats 9`" in text
     assert text.count("Not measured yet") == 8
     assert "`pgesam-train export --preset small --weights fp16 --no-static --variant int8 --out B" in text
 

@@ -117,6 +117,21 @@ def test_static_step_with_per_row_positions(model: TimbreTransformer) -> None:
     torch.testing.assert_close(torch.stack(got[1]), solo[1], atol=1e-5, rtol=0)
 
 
+def test_folded_cross_attention_equals_attention(model: TimbreTransformer) -> None:
+    """`CrossAttention.fold` + `step_folded` (eager fast path) give `step`'s output for every note of a batch."""
+    cfg = model.config
+    z, pitch, _ = _inputs(cfg)
+    layer = model.decoder[0].cross
+    with torch.no_grad():
+        kv = layer.memory_kv(model.encode(z, pitch))  # 3 different notes
+        x = model.decoder[0].ln2(torch.randn(B, cfg.d_model, generator=torch.Generator().manual_seed(2)))
+        ref = layer.step(x, kv)  # (B, d)
+        got = layer.step_folded(x, layer.fold(kv))  # (B, d)
+    assert got.shape == (B, cfg.d_model)
+    assert ref.abs().max() > 1e-3  # a real signal, not two zeros
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+
+
 def test_normalization_keeps_raw_units(model: TimbreTransformer) -> None:
     assert torch.allclose(model.emb_mean, torch.linspace(-1, 1, model.config.dim))
     with pytest.raises(ValueError, match="std must be positive"):
