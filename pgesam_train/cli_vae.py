@@ -19,6 +19,8 @@ CHECKPOINT = click.option("--checkpoint", type=click.Path(path_type=Path), defau
                           help="VAE checkpoint (default: $PGESAM_HOME/checkpoints/vae/PRESET/vae.pt).")
 THREADS = click.option("--threads", type=int, default=None, help="Torch intra-op threads (1 is steadiest).")
 EPOCHS = click.option("--epochs", type=int, default=None, help="Override the preset's number of epochs.")
+BATCH = click.option("--batch-size", type=click.IntRange(min=2), default=None,
+                     help="Override the preset's minibatch size (the neighbour loss pairs notes within one).")
 
 
 def find_latents(explicit: Path | None) -> Path:
@@ -46,12 +48,13 @@ def default_checkpoint(preset: str, explicit: Path | None) -> Path:
     return explicit or paths.checkpoints_dir("vae", preset) / CHECKPOINT_NAME
 
 
-def _config(preset: str, epochs: int | None):
+def _config(preset: str, epochs: int | None, batch_size: int | None = None):
     import dataclasses
 
     from .config import vae_preset
     cfg = vae_preset(preset)
-    return dataclasses.replace(cfg, epochs=epochs) if epochs else cfg
+    cfg = dataclasses.replace(cfg, epochs=epochs) if epochs else cfg
+    return dataclasses.replace(cfg, batch_size=batch_size) if batch_size else cfg
 
 
 @click.group()
@@ -66,16 +69,17 @@ def vae() -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Checkpoint folder (default: $PGESAM_HOME/checkpoints/vae/PRESET).")
 @EPOCHS
+@BATCH
 @THREADS
 @click.option("--resume", is_flag=True, help="Continue the checkpoint in --out (epochs and schedule continue).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def train_cmd(preset: str, latents: Path | None, out: Path | None, epochs: int | None, threads: int | None,
-              resume: bool, progress: bool) -> None:
+def train_cmd(preset: str, latents: Path | None, out: Path | None, epochs: int | None, batch_size: int | None,
+              threads: int | None, resume: bool, progress: bool) -> None:
     """Train the VAE (seven-part loss, Eq. 1); writes vae.pt, vae_map.json and loss CSVs."""
     from . import paths
     from .train_vae import train_vae
     out = out or paths.checkpoints_dir("vae", preset)
-    ckpt = train_vae(_config(preset, epochs), find_latents(latents), out, resume, threads, progress)
+    ckpt = train_vae(_config(preset, epochs, batch_size), find_latents(latents), out, resume, threads, progress)
     click.echo(f"checkpoint: {ckpt}")
 
 
@@ -108,16 +112,17 @@ def eval_cmd(preset: str, latents: Path | None, checkpoint: Path | None, out: Pa
               help="Baseline checkpoint (default: the trained PRESET checkpoint; trained here if missing). "
                    "With --epochs, pass a baseline trained as long.")
 @EPOCHS
+@BATCH
 @THREADS
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def ablate_cmd(preset: str, latents: Path | None, out: Path | None, baseline: Path | None, epochs: int | None,
-               threads: int | None, progress: bool) -> None:
+               batch_size: int | None, threads: int | None, progress: bool) -> None:
     """Train the four ablations of Table 6 (no KL, no reg, no neighbour, no family classifier); write Table 6
     beside the paper and a Figure-4-style 2x2 plot. Rerunning continues unfinished runs."""
     from . import paths
     from .evaluate_vae import ablation_markdown, run_ablations
     out = out or paths.runs_dir(f"vae-ablate-{preset}")
-    rows = run_ablations(_config(preset, epochs), find_latents(latents), out,
+    rows = run_ablations(_config(preset, epochs, batch_size), find_latents(latents), out,
                          default_checkpoint(preset, baseline), threads, progress)
     click.echo(ablation_markdown(rows))
     click.echo(f"written to {out}")

@@ -186,10 +186,11 @@ def test_cli_train_eval_map_ablate(cache, tmp_path):
     runner = CliRunner()
     ck = tmp_path / "ck"
     common = ["--preset", "tiny", "--latents", str(cache)]
-    res = runner.invoke(vae, ["train", *common, "--out", str(ck), "--epochs", "1", "--threads", "1",
-                              "--no-progress"])
+    res = runner.invoke(vae, ["train", *common, "--out", str(ck), "--epochs", "1", "--batch-size", "16",
+                              "--threads", "1", "--no-progress"])
     assert res.exit_code == 0, res.output
     assert (ck / "vae.pt").is_file() and (ck / "vae_map.json").is_file()
+    assert load_vae(ck / "vae.pt")[0].config.batch_size == 16  # the override is what the checkpoint stores
     res = runner.invoke(vae, ["eval", *common, "--checkpoint", str(ck / "vae.pt"), "--out", str(tmp_path / "ev")])
     assert res.exit_code == 0, res.output
     assert "Table 5" in res.output and (tmp_path / "ev" / "timbre_map_test.png").stat().st_size > 1000
@@ -200,9 +201,10 @@ def test_cli_train_eval_map_ablate(cache, tmp_path):
     assert (tmp_path / "m" / "timbre_map_train.png").stat().st_size > 1000
     assert len(json.loads((tmp_path / "m" / "timbre_map.json").read_text())["instruments"]) == 8
     res = runner.invoke(vae, ["ablate", *common, "--out", str(tmp_path / "ab"), "--baseline", str(ck / "vae.pt"),
-                              "--epochs", "1", "--threads", "1", "--no-progress"])
+                              "--epochs", "1", "--batch-size", "16", "--threads", "1", "--no-progress"])
     assert res.exit_code == 0, res.output
     assert "No family classifier" in res.output and (tmp_path / "ab" / "ablation.png").is_file()
     table = json.loads((tmp_path / "ab" / "table6.json").read_text())["ours"]
     assert set(table) >= {"baseline", "no_kl", "no_reg", "no_nei", "no_fam"}
-    assert load_vae(tmp_path / "ab" / "no_kl" / "vae.pt")[0].config.loss.use_kl is False
+    no_kl = load_vae(tmp_path / "ab" / "no_kl" / "vae.pt")[0].config
+    assert no_kl.loss.use_kl is False and no_kl.batch_size == 16
