@@ -132,7 +132,8 @@ def generate_cached(model: TimbreTransformer, z: torch.Tensor, pitch: torch.Tens
     """KV-cached generation: z (B, 2), pitch (B,) MIDI -> frames (B, dim, n_frames), free-running from <BOS>.
 
     cache: "dynamic" (`DecoderStep`, growing cache), "static" (`DecoderStep(static=True)`, preallocated cache)
-    or "inplace" (the preallocated cache written in place, on `TimbreTransformer.plan_inplace`'s plan: eager torch's fastest).
+    or "inplace" (the preallocated cache written in place, on `TimbreTransformer.plan_inplace`'s plan: eager
+    torch's fastest).
     """
     if cache not in CACHE_MODES:
         raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
