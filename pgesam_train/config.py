@@ -311,6 +311,7 @@ class VAEConfig:
     epochs: int = 1000  # not given in the paper
     batch_size: int = 256
     lr: float = 1e-4
+    lr_final: float = 1.0  # learning rate at the end of training as a share of lr, by cosine decay; 1: constant
     weight_decay: float = 0.05
     adam_betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
@@ -326,6 +327,8 @@ class VAEConfig:
             raise ValueError(f"VAEConfig: the last deconv layer must output dim={self.dim} channels")
         if not 0 <= self.pitch_min <= 127 - self.n_pitches + 1:
             raise ValueError(f"pitch range {self.pitch_min}+{self.n_pitches} leaves MIDI 0-127")
+        if not 0.0 < self.lr_final <= 1.0:
+            raise ValueError(f"VAEConfig: lr_final is a share of lr in (0, 1], got {self.lr_final}")
 
 
 VAE_PRESETS: dict[str, VAEConfig] = {

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,11 @@ def run_batch(model: VAE, data: SplitData, idx: np.ndarray, gamma: float) -> tup
     return vae_loss(terms, model.config.loss, gamma), terms, out
 
 
+def learning_rate(cfg: VAEConfig, progress: float) -> float:
+    """cfg.lr decayed along a half cosine to cfg.lr * cfg.lr_final at progress 1 (epochs done / cfg.epochs)."""
+    return cfg.lr * (cfg.lr_final + (1.0 - cfg.lr_final) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
+
+
 def train_epoch(model: VAE, opt: torch.optim.Optimizer, data: SplitData, epoch: int, step: int,
                 steps_log: CSVLog, progress: bool) -> tuple[dict[str, float], int]:
     """One pass over the training split; returns the epoch means of the terms and the new step count."""
@@ -125,7 +131,10 @@ def train_epoch(model: VAE, opt: torch.optim.Optimizer, data: SplitData, epoch: 
     batches = [order[s:s + cfg.batch_size] for s in range(0, len(order), cfg.batch_size)]
     sums: dict[str, float] = {}
     model.train()
-    for idx in tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False):
+    for i, idx in enumerate(tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
+                                 leave=False)):
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(cfg, (epoch + i / len(batches)) / cfg.epochs)
         total, terms, _ = run_batch(model, data, idx, gamma)
         opt.zero_grad(set_to_none=True)
         total.backward()

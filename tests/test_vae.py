@@ -18,7 +18,7 @@ from pgesam_train.data.nsynth import FAMILIES
 from pgesam_train.evaluate_vae import (evaluate_split, group_variance, mean_abs_error, pitch_accuracy,
                                        variance_analysis)
 from pgesam_train.plots import note_colors
-from pgesam_train.train_vae import latent_means, map_json_path, pitch_classes, train_vae
+from pgesam_train.train_vae import learning_rate, latent_means, map_json_path, pitch_classes, train_vae
 from pgesam_train.vae import VAE, load_vae
 
 PITCHES = (48, 52, 55, 60, 64, 67, 72)
@@ -130,6 +130,19 @@ def test_resume_continues_exactly(cache, tmp_path):
         train_vae(cfg, cache, tmp_path / "b", threads=1, progress=False)
     with pytest.raises(ValueError, match="another VAE config"):
         train_vae(tiny(epochs=2, lr=1e-4), cache, tmp_path / "b", resume=True, threads=1, progress=False)
+
+
+def test_learning_rate_schedule(cache, tmp_path):
+    cfg = tiny(epochs=2, lr=2e-3, lr_final=0.1)
+    assert learning_rate(cfg, 0.0) == pytest.approx(2e-3)
+    assert learning_rate(cfg, 0.5) == pytest.approx(2e-3 * 0.55)
+    assert learning_rate(cfg, 1.0) == pytest.approx(2e-4)
+    assert learning_rate(tiny(lr=2e-3), 0.7) == 2e-3  # lr_final 1 (the default): constant
+    with pytest.raises(ValueError, match="lr_final"):
+        tiny(lr_final=0.0)
+    ckpt = train_vae(cfg, cache, tmp_path / "cos", threads=1, progress=False)
+    last_lr = load_checkpoint(ckpt, "vae")["optimizer"]["param_groups"][0]["lr"]
+    assert learning_rate(cfg, 1.0) < last_lr <= learning_rate(cfg, 0.5)  # the last step: in epoch 2's half
 
 
 def test_pitch_head_learns_recoverable_pitch(cache, tmp_path):
