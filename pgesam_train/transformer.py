@@ -337,13 +337,13 @@ class TimbreTransformer(nn.Module):
         self.emb_mean.copy_(mean.reshape(-1))
         self.emb_std.fill_(float(std))
 
-    def _frames_in(self, frames: torch.Tensor) -> torch.Tensor:
-        """Raw frames (..., dim) -> (..., d)."""
-        return self.frame_in((frames - self.emb_mean) / self.emb_std)
+    def _frames_in(self, frames: torch.Tensor, proj: GemvLinear | None = None) -> torch.Tensor:
+        """Raw frames (..., dim) -> (..., d), through `frame_in` or its `GemvLinear` form `proj`."""
+        return (self.frame_in if proj is None else proj)((frames - self.emb_mean) / self.emb_std)
 
-    def _frames_out(self, x: torch.Tensor) -> torch.Tensor:
-        """Decoder output (..., d) -> raw frames (..., dim)."""
-        return self.head(self.dec_norm(x)) * self.emb_std + self.emb_mean
+    def _frames_out(self, x: torch.Tensor, proj: GemvLinear | None = None) -> torch.Tensor:
+        """Decoder output (..., d) -> raw frames (..., dim), through `head` or its `GemvLinear` form `proj`."""
+        return (self.head if proj is None else proj)(self.dec_norm(x)) * self.emb_std + self.emb_mean
 
     # ------------------------------------------------------------------------------------------ encoder
     def encode(self, z: torch.Tensor, pitch: torch.Tensor) -> torch.Tensor:
@@ -426,10 +426,10 @@ class TimbreTransformer(nn.Module):
         """Eager torch's fast path (not for export): like `decode_step_static` at python int position t, but
         writes into self_kv (per layer (B, H, frames, hd) x 2) in place, attends over slots 0..t only and runs on
         `plan_inplace`'s plan -> (B, dim). Equals `decode_step` up to float rounding."""
-        x = plan.frame_in((frame - self.emb_mean) / self.emb_std) + self.pos.weight[t]  # (B, d)
+        x = self._frames_in(frame, plan.frame_in) + self.pos.weight[t]  # (B, d)
         for layer, kv, lp in zip(self.decoder, self_kv, plan.layers):
             x = layer.step_inplace(x, kv, lp, t)
-        return plan.head(self.dec_norm(x)) * self.emb_std + self.emb_mean
+        return self._frames_out(x, plan.head)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

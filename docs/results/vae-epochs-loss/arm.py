@@ -18,11 +18,11 @@ from pgesam_train.data.latents import load_latents
 from pgesam_train.paths import home
 name, epochs = sys.argv[1], int(sys.argv[2])
 over = {k: float(v) for k, v in (a.split("=") for a in sys.argv[3:])}
+cfg = vae_preset("small")
 fields = {f.name for f in dataclasses.fields(VAEConfig)}
-top = {k: int(v) if k == "batch_size" else v for k, v in over.items() if k in fields}
+top = {k: type(getattr(cfg, k))(v) for k, v in over.items() if k in fields}  # as typed in the preset (int batch)
 over = {k: v for k, v in over.items() if k not in top}
 cache = home() / "latents/soundfonts-default--mel-bc8e7863e72c"
-cfg = vae_preset("small")
 cfg = dataclasses.replace(cfg, epochs=epochs, **top, loss=dataclasses.replace(cfg.loss, **over))
 out = home() / "runs/vae-nei" / name
 ckpt = train_vae(cfg, cache, out, True, 1, False)
