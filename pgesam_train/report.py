@@ -169,9 +169,19 @@ def section_vae(inp: ReportInputs, docs: Path) -> str:
         return head + _pending(f"pgesam-train vae eval --preset {inp.preset}")
     maps = [_copy_figure(inp.vae_eval / f"timbre_map_{s}.png", docs, f"timbre_map_{s}.png", inp.from_snapshot(name))
             for s in ("train", "test")]
-    return head + inp.provenance(name) + "\n".join([f"`pgesam-train vae eval --preset {inp.preset}`:", "", md, "",
+    data = _read_json(inp.find(inp.vae_eval / "vae_eval.json", f"{inp.vae_eval.name}/vae_eval.json")) or {}
+    command = f"pgesam-train vae eval --preset {inp.preset}" + _checkpoint_option(
+        data.get("ours", {}).get("checkpoint"), paths.checkpoints_dir("vae", inp.preset) / "vae.pt")
+    return head + inp.provenance(name) + "\n".join([f"`{command}`:", "", md, "",
                              "Timbre maps (Figure 3 style; training, then test instruments):", "",
                              *[m for m in maps if m]])
+
+
+def _checkpoint_option(recorded: str | None, default: Path) -> str:
+    """The command's `--checkpoint PATH` for a run that evaluated another checkpoint than the default, else ""."""
+    if not recorded or Path(recorded).expanduser().resolve() == default.expanduser().resolve():
+        return ""
+    return f" --checkpoint {recorded}"
 
 
 def section_ablations(inp: ReportInputs, docs: Path) -> str:
@@ -186,7 +196,7 @@ def section_ablations(inp: ReportInputs, docs: Path) -> str:
     command = f"pgesam-train vae ablate --preset {inp.preset}"
     if epochs is not None and epochs != vae_preset(inp.preset).epochs:
         command += f" --epochs {epochs}"
-        md = (f"Every run, baseline included, trained {epochs} epochs (the shipped VAE: "
+        md = (f"Every run, baseline included, trained {epochs} epochs (the preset: "
               f"{vae_preset(inp.preset).epochs}), so the rows compare like with like.\n\n{md}")
     return head + inp.provenance(name) + "\n".join([f"`{command}`:", "", md, "", fig or ""])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from pgesam_train.config import vae_preset
 from pgesam_train.report import ReportInputs, pitch_by_pitch, write_report
 
 
@@ -54,7 +55,8 @@ def test_ablations_at_other_epochs_say_so_in_their_command(tmp_path, monkeypatch
     inp = ReportInputs(dataset=tmp_path / "no-dataset", runs=tmp_path / "runs")
     text = write_report(tmp_path / "REPORT.md", tmp_path / "docs", inp, examples=False).read_text()
     assert "`pgesam-train vae ablate --preset small --epochs 30`" in text and "trained 30 epochs" in text
-    (ab / "table6.json").write_text(json.dumps({"ours": {"epochs": 80}, "paper": {}}))  # the preset's own
+    own = vae_preset("small").epochs
+    (ab / "table6.json").write_text(json.dumps({"ours": {"epochs": own}, "paper": {}}))  # the preset's own
     text = write_report(tmp_path / "REPORT.md", tmp_path / "docs", inp, examples=False).read_text()
     assert "`pgesam-train vae ablate --preset small`:" in text and "--epochs" not in text
 
@@ -91,3 +93,11 @@ def test_committed_snapshot_stands_in_for_a_missing_run(tmp_path, monkeypatch):
     assert "[3, 4]" in third and "committed copy `docs/results/vae-ablate-small/table6.md`" not in third
     assert "--epochs 30" not in third  # the live run has no table6.json: the old copy's is not mixed in
     assert (docs / "results" / "vae-ablate-small" / "table6.md").read_text() == "| Baseline | [3, 4] |\n"
+
+
+def test_checkpoint_option_names_only_a_checkpoint_other_than_the_default(tmp_path):
+    from pgesam_train.report import _checkpoint_option
+    default = tmp_path / "vae.pt"
+    assert _checkpoint_option(None, default) == ""
+    assert _checkpoint_option(str(default), default) == ""
+    assert _checkpoint_option("checkpoints/small/next/vae.pt", default) == " --checkpoint checkpoints/small/next/vae.pt"
