@@ -109,8 +109,8 @@ def eval_cmd(preset: str, latents: Path | None, checkpoint: Path | None, out: Pa
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Run folder (default: $PGESAM_HOME/runs/vae-ablate-PRESET).")
 @click.option("--baseline", type=click.Path(path_type=Path), default=None,
-              help="Baseline checkpoint (default: the trained PRESET checkpoint; trained here if missing). "
-                   "With --epochs, pass a baseline trained as long.")
+              help="Baseline checkpoint, trained with the same config as the ablations (default: the trained "
+                   "PRESET checkpoint if it was; otherwise one is trained here).")
 @EPOCHS
 @BATCH
 @THREADS
@@ -120,10 +120,19 @@ def ablate_cmd(preset: str, latents: Path | None, out: Path | None, baseline: Pa
     """Train the four ablations of Table 6 (no KL, no reg, no neighbour, no family classifier); write Table 6
     beside the paper and a Figure-4-style 2x2 plot. Rerunning continues unfinished runs."""
     from . import paths
-    from .evaluate_vae import ablation_markdown, run_ablations
+    from .evaluate_vae import ablation_markdown, config_differences, run_ablations
     out = out or paths.runs_dir(f"vae-ablate-{preset}")
-    rows = run_ablations(_config(preset, epochs, batch_size), find_latents(latents), out,
-                         default_checkpoint(preset, baseline), threads, progress)
+    cfg = _config(preset, epochs, batch_size)
+    if baseline is None:  # the trained preset checkpoint, if it was trained as these ablations will be
+        baseline = default_checkpoint(preset, None)
+        if baseline.is_file() and config_differences(baseline, cfg):
+            click.echo(f"{baseline} was trained with another config ({', '.join(config_differences(baseline, cfg))}"
+                       f"); training the baseline in {out / 'baseline'}")
+            baseline = None
+    try:
+        rows = run_ablations(cfg, find_latents(latents), out, baseline, threads, progress)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--baseline") from e
     click.echo(ablation_markdown(rows))
     click.echo(f"written to {out}")
 

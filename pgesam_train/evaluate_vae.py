@@ -184,6 +184,16 @@ def write_maps(checkpoint: Path, cache_dir: Path, out_dir: Path,
     return written
 
 
+def config_differences(checkpoint: Path, cfg: VAEConfig) -> list[str]:
+    """Names of the VAEConfig fields (loss fields as loss.NAME) in which `checkpoint` was trained otherwise than
+    `cfg`; n_instruments, set from the data, is not compared."""
+    stored = load_vae(checkpoint)[0].config
+    differ = [f.name for f in dataclasses.fields(VAEConfig)
+              if f.name not in ("n_instruments", "loss") and getattr(stored, f.name) != getattr(cfg, f.name)]
+    return differ + [f"loss.{f.name}" for f in dataclasses.fields(stored.loss)
+                     if getattr(stored.loss, f.name) != getattr(cfg.loss, f.name)]
+
+
 def run_ablations(cfg: VAEConfig, cache_dir: Path, out_dir: Path, baseline: Path | None = None,
                   threads: int | None = None, progress: bool = True) -> dict[str, dict]:
     """`vae ablate`: train the four ablations of Table 6 (and the baseline when `baseline` is None or missing)
@@ -194,6 +204,12 @@ def run_ablations(cfg: VAEConfig, cache_dir: Path, out_dir: Path, baseline: Path
     out_dir = Path(out_dir)
     ckpts: dict[str, Path] = {}
     if baseline is not None and Path(baseline).is_file():
+        differ = config_differences(baseline, cfg)
+        if differ:
+            raise ValueError(f"baseline {baseline} was trained with another config than these ablations "
+                             f"({', '.join(differ)} differ): pass the checkpoint of a run with the same preset, "
+                             f"--epochs and --batch-size, or leave --baseline out to train one in "
+                             f"{out_dir / 'baseline'}")
         ckpts["baseline"] = Path(baseline)
     else:
         ckpts["baseline"] = train_vae(cfg, cache_dir, out_dir / "baseline", True, threads, progress)

@@ -233,8 +233,13 @@ def train_transformer(cfg: TransformerConfig, cache_dir: Path, vae_path: Path, o
     step, extra = 0, {"vae": str(vae_path), "vae_sha256": file_sha256(vae_path), "latents": str(cache_dir),
                       "codec": train_lat.meta.get("codec"), "best_valid": float("inf")}
     if state is not None:
-        step, extra = state["step"], {**extra, "best_valid": state["extra"].get("best_valid", float("inf")),
-                                      "rewarm_from": state["extra"].get("rewarm_from")}
+        same_map = state["extra"].get("vae_sha256") == extra["vae_sha256"]
+        if not same_map:  # continued on another VAE's map: validation losses on the old map do not compare
+            log.info("%s was trained on the map of another VAE than %s: its best validation loss starts afresh",
+                     ckpt, vae_path)
+        step, extra = state["step"], {**extra, "rewarm_from": state["extra"].get("rewarm_from"),
+                                      "best_valid": state["extra"].get("best_valid", float("inf")) if same_map
+                                      else float("inf")}
         if state.get("optimizer"):
             opt.load_state_dict(state["optimizer"])
         else:  # shipped checkpoints carry none (`checkpoint.without_optimizer`)

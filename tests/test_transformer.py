@@ -283,6 +283,25 @@ def test_resume_takes_input_noise_from_the_command(cache_and_vae: tuple[Path, Pa
     assert load_checkpoint(tmp_path / "transformer.pt", "transformer")["step"] == 12
 
 
+def test_resume_on_another_vae_restarts_the_best_validation_loss(cache_and_vae: tuple[Path, Path],
+                                                                  tmp_path: Path) -> None:
+    """Continued on a new timbre map, the old map's best validation loss is not the one to beat."""
+    cache, vae_path = cache_and_vae
+    train_transformer(tiny_train(8, val_every=8), cache, vae_path, tmp_path, threads=1)
+    state = torch.load(tmp_path / "transformer.pt", weights_only=False)
+    state["extra"]["best_valid"] = 0.0  # unbeatable on the same map
+    torch.save(state, tmp_path / "transformer.pt")
+    other = tmp_path / "other-vae.pt"
+    vae_state = torch.load(vae_path, weights_only=False)
+    vae_state["extra"]["note"] = "another VAE file"  # other bytes: another sha256
+    torch.save(vae_state, other)
+    (tmp_path / BEST_NAME).unlink()
+    extra = load_transformer(train_transformer(tiny_train(16, val_every=8), cache, other, tmp_path, resume=True,
+                                               threads=1))[1]
+    assert extra["vae"] == str(other) and 0.0 < extra["best_valid"] == extra["valid_loss"]
+    assert (tmp_path / BEST_NAME).is_file()
+
+
 def test_resume_without_optimizer_rewarms(cache_and_vae: tuple[Path, Path], tmp_path: Path) -> None:
     """A shipped (weights-only) checkpoint resumes with fresh Adam moments under a short learning-rate ramp."""
     cache, vae_path = cache_and_vae

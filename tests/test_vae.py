@@ -221,3 +221,7 @@ def test_cli_train_eval_map_ablate(cache, tmp_path):
     assert set(table) >= {"baseline", "no_kl", "no_reg", "no_nei", "no_fam"}
     no_kl = load_vae(tmp_path / "ab" / "no_kl" / "vae.pt")[0].config
     assert no_kl.loss.use_kl is False and no_kl.batch_size == 16
+    res = runner.invoke(vae, ["ablate", *common, "--out", str(tmp_path / "ab2"), "--baseline", str(ck / "vae.pt"),
+                              "--epochs", "2", "--batch-size", "16", "--threads", "1", "--no-progress"])
+    assert res.exit_code == 2 and "epochs differ" in res.output  # a baseline trained otherwise is refused
+    assert not (tmp_path / "ab2").exists()
