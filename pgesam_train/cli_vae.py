@@ -125,9 +125,10 @@ def ablate_cmd(preset: str, latents: Path | None, out: Path | None, baseline: Pa
     cfg = _config(preset, epochs, batch_size)
     if baseline is None:  # the trained preset checkpoint, if it was trained as these ablations will be
         baseline = default_checkpoint(preset, None)
-        if baseline.is_file() and config_differences(baseline, cfg):
-            click.echo(f"{baseline} was trained with another config ({', '.join(config_differences(baseline, cfg))}"
-                       f"); training the baseline in {out / 'baseline'}")
+        differ = config_differences(baseline, cfg) if baseline.is_file() else []
+        if differ:
+            click.echo(f"{baseline} was trained with another config ({', '.join(differ)}); training the baseline "
+                       f"in {out / 'baseline'}")
             baseline = None
     try:
         rows = run_ablations(cfg, find_latents(latents), out, baseline, threads, progress)
