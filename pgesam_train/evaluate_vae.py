@@ -16,12 +16,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pgesam_train.config import VAE_ABLATIONS, VAEConfig
+from pgesam_train.checkpoint import load_checkpoint
+from pgesam_train.config import VAE_ABLATIONS, VAEConfig, from_dict
 from pgesam_train.data.latents import Latents, load_latents
 from pgesam_train.plots import save_ablation_figure, save_timbre_map
 from pgesam_train.reports import write_json_markdown
 from pgesam_train.train_vae import latent_means, pitch_classes, timbre_map, train_vae
-from pgesam_train.vae import VAE, load_vae
+from pgesam_train.vae import KIND, VAE, load_vae
 
 # The paper's numbers (Tables 3-6), VAE parts only; variances as [x, y].
 PAPER = {
@@ -187,7 +188,7 @@ def write_maps(checkpoint: Path, cache_dir: Path, out_dir: Path,
 def config_differences(checkpoint: Path, cfg: VAEConfig) -> list[str]:
     """Names of the VAEConfig fields (loss fields as loss.NAME) in which `checkpoint` was trained otherwise than
     `cfg`; n_instruments, set from the data, is not compared."""
-    stored = load_vae(checkpoint)[0].config
+    stored = from_dict(VAEConfig, load_checkpoint(checkpoint, KIND)["config"])  # the config alone: no model built
     differ = [f.name for f in dataclasses.fields(VAEConfig)
               if f.name not in ("n_instruments", "loss") and getattr(stored, f.name) != getattr(cfg, f.name)]
     return differ + [f"loss.{f.name}" for f in dataclasses.fields(stored.loss)

@@ -169,9 +169,10 @@ def section_vae(inp: ReportInputs, docs: Path) -> str:
         return head + _pending(f"pgesam-train vae eval --preset {inp.preset}")
     maps = [_copy_figure(inp.vae_eval / f"timbre_map_{s}.png", docs, f"timbre_map_{s}.png", inp.from_snapshot(name))
             for s in ("train", "test")]
+    from .train_vae import CHECKPOINT_NAME as VAE_NAME
     data = _read_json(inp.find(inp.vae_eval / "vae_eval.json", f"{inp.vae_eval.name}/vae_eval.json", name)) or {}
     command = f"pgesam-train vae eval --preset {inp.preset}" + _checkpoint_option(
-        data.get("ours", {}).get("checkpoint"), paths.checkpoints_dir("vae", inp.preset) / "vae.pt")
+        data.get("ours", {}).get("checkpoint"), paths.checkpoints_dir("vae", inp.preset) / VAE_NAME)
     return head + inp.provenance(name) + "\n".join([f"`{command}`:", "", md, "",
                              "Timbre maps (Figure 3 style; training, then test instruments):", "",
                              *[m for m in maps if m]])

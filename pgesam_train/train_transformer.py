@@ -237,9 +237,8 @@ def train_transformer(cfg: TransformerConfig, cache_dir: Path, vae_path: Path, o
         if not same_map:  # continued on another VAE's map: validation losses on the old map do not compare
             log.info("%s was trained on the map of another VAE than %s: its best validation loss starts afresh",
                      ckpt, vae_path)
-        step, extra = state["step"], {**extra, "rewarm_from": state["extra"].get("rewarm_from"),
-                                      "best_valid": state["extra"].get("best_valid", float("inf")) if same_map
-                                      else float("inf")}
+        best = state["extra"].get("best_valid", float("inf")) if same_map else float("inf")
+        step, extra = state["step"], {**extra, "best_valid": best, "rewarm_from": state["extra"].get("rewarm_from")}
         if state.get("optimizer"):
             opt.load_state_dict(state["optimizer"])
         else:  # shipped checkpoints carry none (`checkpoint.without_optimizer`)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -60,7 +59,7 @@ def main() -> None:
     out = home() / "runs/vae-nei" / name
     ckpt = train_vae(cfg, CACHE, out, True, 1, False)
     res = {**variances(load_vae(ckpt)[0]), "loss_overrides": loss, "config_overrides": top, "epochs": epochs}
-    Path(out / "variance.json").write_text(json.dumps(res, indent=1))
+    (out / "variance.json").write_text(json.dumps(res, indent=1))
     print(name, json.dumps(res))
 
 
