@@ -51,6 +51,9 @@ def codec_group() -> None:
 @click.option("--blocks", type=click.IntRange(1), default=None, help="stft backend: ConvNeXt blocks (preset's)")
 @click.option("--refine-iters", type=click.IntRange(0), default=None,
               help="stft backend: phase-refinement iterations after the head (preset's; 0 = one-pass phase)")
+@click.option("--loss-mag", type=click.FloatRange(0), default=None,
+              help="stft backend: weight of the head-magnitude loss (preset's; 0 = off)")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=None, help="peak learning rate (preset's)")
 @click.option("--from-scratch", is_flag=True,
               help="encodec backend: random init (the EnCodec architecture trained by us) instead of Meta's weights")
 @click.option("--n-filters", type=click.IntRange(1), default=None,
@@ -62,18 +65,23 @@ def codec_group() -> None:
 @click.option("--save-every", type=int, default=500, show_default=True)
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's)")
 def train_cmd(backend: str, preset: str, encoder: str | None, width: int | None, blocks: int | None,
-              refine_iters: int | None, from_scratch: bool, n_filters: int | None, dataset: Path | None,
+              refine_iters: int | None, loss_mag: float | None, lr: float | None, from_scratch: bool, n_filters: int | None, dataset: Path | None,
               steps: int | None, minutes: float | None, out: Path | None, save_every: int,
               threads: int | None) -> None:
-    """Train a codec on the dataset's train split (resumes from --out if it exists)."""
+    """Train a codec on the dataset's train split (resumes from --out if it exists).
+
+    A resume keeps the architecture; --steps, --lr and --loss-mag may change (a fine-tune: copy a checkpoint,
+    e.g. the shipped checkpoints/small/codec-stft.pt, to --out first)."""
     from .codec import codec_preset
     from .train_codec import train_codec
     if backend == "griffinlim":
         raise click.UsageError("the griffinlim floor needs no training: `pgesam-train codec eval` always reports it")
     if (from_scratch or n_filters is not None) and backend != "encodec":
         raise click.UsageError("--from-scratch and --n-filters are options of --backend encodec")
+    if loss_mag and backend != "stft":
+        raise click.UsageError("--loss-mag is an option of --backend stft (it supervises the stft head)")
     overrides = {"encoder": encoder, "width": width, "n_blocks": blocks, "refine_iters": refine_iters,
-                 "steps": steps, "encodec_pretrained": False if from_scratch else None,
+                 "loss_mag": loss_mag, "lr": lr, "steps": steps, "encodec_pretrained": False if from_scratch else None,
                  "encodec_n_filters": n_filters}
     config = dataclasses.replace(codec_preset(preset, backend),
                                  **{k: v for k, v in overrides.items() if v is not None})

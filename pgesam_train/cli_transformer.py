@@ -129,7 +129,9 @@ def eval_cmd(preset: str, latents: Path | None, checkpoint: Path | None, vae_pat
     metrics = evaluate_transformer(model.to(device), vae, cache, codec, max_notes, audio_notes, interp_notes,
                                    batch_size, echo=click.echo)
     metrics["command"] = (f"pgesam-train transformer eval --preset {preset} --max-notes {max_notes} --audio-notes "
-                          f"{audio_notes} --interp-notes {interp_notes}" + ("" if audio else " --no-audio"))
+                          f"{audio_notes} --interp-notes {interp_notes}" + ("" if audio else " --no-audio")
+                          + "".join(f" {flag} {path}" for flag, path in (("--checkpoint", checkpoint),
+                                                                         ("--vae", vae_path)) if path))
     js, md = write_report(out or paths.runs_dir(f"transformer-eval-{preset}"), metrics)
     click.echo(report_markdown(metrics))
     click.echo(f"written to {js} and {md}")

@@ -139,6 +139,9 @@ class CodecConfig:
     loss_mel: float = 1.0  # multi-scale log-mel L1
     loss_stft: float = 1.0  # multi-resolution STFT (spectral convergence + log-magnitude L1)
     loss_wav: float = 0.0  # waveform L1
+    # stft backend: L1 between the head's log-magnitude (before phase refinement) and the original's STFT
+    # log-magnitude at the codec's own framing (n_fft, hop): a magnitude target no phase error can blur
+    loss_mag: float = 0.0
 
     def __post_init__(self) -> None:
         if self.dim <= 0 or self.hop <= 0 or self.sample_rate <= 0:
@@ -153,6 +156,9 @@ class CodecConfig:
             raise ValueError(f"n_fft {self.n_fft} must be a multiple of hop {self.hop}")
         if self.refine_iters < 0:
             raise ValueError(f"codec refine_iters must be 0 or more, got {self.refine_iters}")
+        if self.loss_mag < 0 or (self.loss_mag and self.backend != "stft"):
+            raise ValueError(f"codec loss_mag {self.loss_mag}: 0 or more, and only for the stft backend (it "
+                             "supervises the stft head's magnitude)")
 
     @property
     def frame_rate(self) -> float:

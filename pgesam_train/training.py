@@ -33,8 +33,19 @@ class CSVLog:
             self._fields = list(row)
             with open(self.path, "w", newline="") as f:
                 csv.writer(f).writerow(self._fields)
+        elif set(row) - set(self._fields):  # a resumed run logs a new column: widen the header, keep the rows
+            self._widen([k for k in row if k not in self._fields])
         with open(self.path, "a", newline="") as f:
             csv.writer(f).writerow([row.get(k, "") for k in self._fields])
+
+    def _widen(self, new_fields: list[str]) -> None:
+        with open(self.path, newline="") as f:
+            rows = list(csv.reader(f))[1:]
+        self._fields = self._fields + new_fields
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows([self._fields] + [r + [""] * len(new_fields) for r in rows])
+        tmp.replace(self.path)
 
 
 def set_threads(n: int | None) -> None:

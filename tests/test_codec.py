@@ -11,13 +11,14 @@ import pytest
 import soundfile as sf
 import torch
 
-from pgesam_train.checkpoint import CheckpointError
+from pgesam_train.checkpoint import CheckpointError, load_checkpoint, without_optimizer
 from pgesam_train.codec import (Codec, CodecError, build_codec, codec_id, codec_preset, frames_for, load_codec,
                                 resample, save_codec)
 from pgesam_train.codecs import BACKENDS
 from pgesam_train.data.latents import LatentCacheError, load_latents
 from pgesam_train.data.nsynth import note_str
-from pgesam_train.train_codec import SpectralLoss, reconstruction_loss, train_codec
+from pgesam_train.train_codec import (MagnitudeLoss, SpectralLoss, learning_rate, magnitude_loss, reconstruction_loss,
+                                      train_codec)
 
 SR = 24000
 
@@ -158,6 +159,58 @@ def test_train_checkpoint_and_resume(dataset, tmp_path):
         train_codec(codec_preset("tiny", "griffinlim"), dataset, tmp_path / "gl.pt", progress=False)
 
 
+def test_the_magnitude_loss_is_zero_on_the_original_and_trains_the_head():
+    torch.manual_seed(0)
+    config = dataclasses.replace(codec_preset("tiny"), loss_mag=1.0, loss_mel=0.0, loss_stft=0.0)
+    codec = build_codec(config)
+    x = torch.from_numpy(np.stack([harmonic(220, 0.3), harmonic(330, 0.3)]))
+    mag_fn = magnitude_loss(config)
+    assert isinstance(mag_fn, MagnitudeLoss) and magnitude_loss(codec_preset("tiny")) is None
+    assert float(mag_fn(*mag_fn.stft(x), x)) == 0.0
+    opt = torch.optim.AdamW(codec.parameters(), lr=3e-3)
+    mags = []
+    for _ in range(20):
+        terms = reconstruction_loss(codec, SpectralLoss(SR), x, mag_fn)
+        assert torch.equal(terms["loss"], terms["mag"])  # the only weighted term here
+        opt.zero_grad()
+        terms["loss"].backward()
+        opt.step()
+        mags.append(terms["mag"].item())
+    assert mags[-1] < 0.9 * mags[0], mags
+    with pytest.raises(ValueError, match="loss_mag"):
+        dataclasses.replace(codec_preset("tiny", "griffinlim"), loss_mag=1.0)
+
+
+def test_a_fine_tune_resumes_a_shipped_checkpoint_with_another_loss(dataset, tmp_path):
+    config = dataclasses.replace(codec_preset("tiny"), steps=4)
+    first = tmp_path / "first.pt"
+    train_codec(config, dataset, first, save_every=2, log_every=1, progress=False)
+    out = without_optimizer(first, tmp_path / "fine.pt")  # what checkpoints/small/ holds
+    tuned = dataclasses.replace(config, steps=8, loss_mag=0.5, lr=1e-4)
+    assert train_codec(tuned, dataset, out, save_every=2, log_every=1, progress=False)["step"] == 8
+    state = load_checkpoint(out, "codec")
+    assert state["extra"]["rewarm_from"] == 4 and load_codec(out).config == tuned
+    rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
+    assert [int(r["step"]) for r in rows] == [5, 6, 7, 8] and all(float(r["mag"]) > 0 for r in rows)
+    small = dataclasses.replace(codec_preset("small"), steps=16000)  # warm-up 500 steps: the ramp takes 125
+    ramped = [learning_rate(small, s, rewarm_from=10000) / learning_rate(small, s) for s in (10000, 10062, 10124)]
+    assert np.allclose(ramped, [1 / 125, 63 / 125, 1.0])
+    with pytest.raises(CodecError, match="another config"):
+        train_codec(dataclasses.replace(tuned, n_blocks=2), dataset, out, progress=False)
+
+
+def test_a_resumed_log_with_a_new_column_keeps_its_rows(tmp_path):
+    from pgesam_train.training import CSVLog
+    path = tmp_path / "steps.csv"
+    CSVLog(path).write(step=1, loss=0.5)
+    log = CSVLog(path)  # as after a resume
+    log.write(step=2, loss=0.4, mag=1.5)
+    log.write(step=3, loss=0.3, mag=1.4)
+    assert list(csv.DictReader(open(path))) == [{"step": "1", "loss": "0.5", "mag": ""},
+                                                {"step": "2", "loss": "0.4", "mag": "1.5"},
+                                                {"step": "3", "loss": "0.3", "mag": "1.4"}]
+
+
 def test_a_narrower_decoder_over_the_same_log_mel_reads_the_same_latents():
     from pgesam_train.codec import codec_id
     base = codec_preset("tiny")
@@ -185,6 +238,13 @@ def test_train_cli_overrides_the_preset(dataset, tmp_path):
     assert result.exit_code != 0 and "--refine-iters" in result.output
     result = CliRunner().invoke(codec_group, args + ["--from-scratch"])
     assert result.exit_code != 0 and "--backend encodec" in result.output
+    result = CliRunner().invoke(codec_group, ["train", "--backend", "encodec", "--loss-mag", "1", "--out",
+                                              str(tmp_path / "e.pt"), "--dataset", str(dataset)])
+    assert result.exit_code != 0 and "--backend stft" in result.output
+    tuned = tmp_path / "tuned.pt"
+    result = CliRunner().invoke(codec_group, args[:-4] + ["--out", str(tuned), "--loss-mag", "0.5", "--lr", "1e-4"])
+    assert result.exit_code == 0, result.output
+    assert (load_codec(tuned).config.loss_mag, load_codec(tuned).config.lr) == (0.5, 1e-4)
 
 
 def test_train_cli_trains_the_encodec_architecture_from_scratch(dataset, tmp_path):

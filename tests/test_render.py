@@ -99,7 +99,8 @@ def test_train_and_eval_commands(codec_path: Path, tmp_path: Path) -> None:
     assert all(len(r["per_note"]["pitch"]) == len(r["per_note"]["cents"]) == 2 for r in m["audio"].values())
     assert "torchcrepe" in (tmp_path / "eval" / "transformer_eval.md").read_text()
     assert m["command"] == ("pgesam-train transformer eval --preset tiny --max-notes 4 --audio-notes 2 "
-                            "--interp-notes 2")  # what the report prints above the tables
+                            f"--interp-notes 2 --checkpoint {tmp_path / 'ckpt' / 'transformer.pt'} --vae {vae}")
+    # what the report prints above the tables: the checkpoint and VAE evaluated, where they were not the defaults
 
 
 def test_bench_command(tmp_path: Path) -> None:

@@ -219,11 +219,14 @@ class StftDecoder(nn.Module):
             h = block(h)
         return self.head(h, emb)
 
-    def forward(self, emb: Tensor) -> Tensor:
-        re, im = self.spectrum(emb)
+    def synthesize(self, re: Tensor, im: Tensor) -> Tensor:
+        """The head's (real, imag) (B, F, T) -> wav (B, T * hop): phase refinement, then the inverse STFT."""
         if self.refine is not None:
             re, im = self.refine(re, im)
-        return self.istft(re, im)  # (B, T * hop)
+        return self.istft(re, im)
+
+    def forward(self, emb: Tensor) -> Tensor:
+        return self.synthesize(*self.spectrum(emb))  # (B, T * hop)
 
     def step(self, frames: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor], Tensor | None]:
         """frames (B, dim, t), state [conv_in, block0.., (phase,) (refine_history,) istft_overlap] ->
