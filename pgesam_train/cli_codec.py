@@ -65,9 +65,9 @@ def codec_group() -> None:
 @click.option("--save-every", type=int, default=500, show_default=True)
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's)")
 def train_cmd(backend: str, preset: str, encoder: str | None, width: int | None, blocks: int | None,
-              refine_iters: int | None, loss_mag: float | None, lr: float | None, from_scratch: bool, n_filters: int | None, dataset: Path | None,
-              steps: int | None, minutes: float | None, out: Path | None, save_every: int,
-              threads: int | None) -> None:
+              refine_iters: int | None, loss_mag: float | None, lr: float | None, from_scratch: bool,
+              n_filters: int | None, dataset: Path | None, steps: int | None, minutes: float | None,
+              out: Path | None, save_every: int, threads: int | None) -> None:
     """Train a codec on the dataset's train split (resumes from --out if it exists).
 
     A resume keeps the architecture; --steps, --lr and --loss-mag may change (a fine-tune: copy a checkpoint,
@@ -81,8 +81,8 @@ def train_cmd(backend: str, preset: str, encoder: str | None, width: int | None,
     if loss_mag and backend != "stft":
         raise click.UsageError("--loss-mag is an option of --backend stft (it supervises the stft head)")
     overrides = {"encoder": encoder, "width": width, "n_blocks": blocks, "refine_iters": refine_iters,
-                 "loss_mag": loss_mag, "lr": lr, "steps": steps, "encodec_pretrained": False if from_scratch else None,
-                 "encodec_n_filters": n_filters}
+                 "loss_mag": loss_mag, "lr": lr, "steps": steps,
+                 "encodec_pretrained": False if from_scratch else None, "encodec_n_filters": n_filters}
     config = dataclasses.replace(codec_preset(preset, backend),
                                  **{k: v for k, v in overrides.items() if v is not None})
     out = out or default_checkpoint(backend, preset, config.encoder)
